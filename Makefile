@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- trains on the embedded default (digits) and prints the metrics table
+#   make test   -- runs the whole test suite (slow end-to-end tests included)
+# Both create or refresh the local virtual environment .venv when pyproject.toml changed.
+
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+FAISS_EXTRA ?= cpu
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# torch first and pinned: the local CPU wheel, never the multi-GB CUDA build on a CPU machine
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e ".[$(FAISS_EXTRA),dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rdml train --config digits
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=15
+	$(VENV)/bin/python -m pytest -q -m slow --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Shipped experiment recipes (YAML), loadable by name: ``rdml train --config digits``."""
