@@ -155,6 +155,9 @@ class EnsembleConfig(_Section):
     placement: Literal["PACK", "SPREAD"] = "PACK"
     max_restarts: int = Field(default=2, ge=0)
     cpus_per_member: float = Field(default=1.0, gt=0)
+    transfer_temperature: float = Field(
+        default=0.1, gt=0, description="cross_member: softmax temperature over other members' adversarial losses"
+    )
 
 
 class TrackingConfig(_Section):

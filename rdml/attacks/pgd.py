@@ -169,11 +169,15 @@ def pgd(
     done: DoneFn | None = None,
     flat_tol: float | None = None,
     generator: torch.Generator | None = None,
+    start: Tensor | None = None,
 ) -> PGDResult:
     """Run PGD on ``objective`` from the clean batch ``x0`` (values in [0,1]).
 
     ``objective(x)`` must return per-sample losses (shape [n]) or a scalar; the engine *descends*.
     With ``budget.eps == 0`` or ``budget.steps == 0`` the clean input is returned unchanged.
+    ``start`` (a point in the ball, e.g. the previous iterate of an outer loop such as the
+    dynamic-centroid clustering attack) replaces the first restart's starting point; the ball stays
+    centred on ``x0``.
     """
     x0 = x0.detach()
     if budget.eps == 0 or budget.steps == 0:
@@ -184,9 +188,14 @@ def pgd(
         return PGDResult(x0.clone(), loss.detach(), zeros, 0)
 
     best_x, best_loss, best_it, total_passes, history = None, None, None, 0, []
-    for _ in range(budget.restarts):
-        start = _random_start(x0, budget.eps, budget.norm, generator) if budget.random_start else x0
-        x, loss, iterations, passes, history = _run_once(objective, x0, budget, done, flat_tol, start)
+    for restart in range(budget.restarts):
+        if restart == 0 and start is not None:
+            begin = project(start.detach(), x0, budget.eps, budget.norm)
+        elif budget.random_start:
+            begin = _random_start(x0, budget.eps, budget.norm, generator)
+        else:
+            begin = x0
+        x, loss, iterations, passes, history = _run_once(objective, x0, budget, done, flat_tol, begin)
         total_passes += passes
         if best_x is None:
             best_x, best_loss, best_it = x, loss, iterations

@@ -1,0 +1,132 @@
+"""Where runs are stored: resolving the tracking URI, checking it answers, creating experiments.
+
+The store is chosen once, on the driver, before any training starts: ``tracking.uri`` from the config,
+else ``$MLFLOW_TRACKING_URI``, else a sqlite database in the current directory (MLflow 3 refuses plain
+file stores, and sqlite keeps every run queryable by ``rdml ui``). A server that does not answer is a
+:class:`~rdml.errors.TrackingError` *before* training, never an exception an hour into a run.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rdml.errors import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from rdml.config import TrackingConfig
+
+#: seconds the reachability probe waits for a tracking server before giving up
+PROBE_TIMEOUT_S = 3.0
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: the explicit one, else ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if "://" not in uri and not uri.startswith(("databricks", "sqlite:")):
+        raise TrackingError(
+            f"tracking uri {uri!r} is a plain path (an MLflow file store, which MLflow 3 refuses); "
+            f"use a sqlite store such as tracking.uri=sqlite:///{Path(uri).resolve()}/mlflow.db "
+            "or a server URL such as http://127.0.0.1:5000"
+        )
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where artifacts of a local sqlite store go: next to the database, never in the CWD."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    return str(db.parent.resolve() / "mlartifacts")
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` if the store cannot be used (server down, unwritable directory).
+
+    HTTP servers are probed on ``/health`` with a short timeout instead of a client call, because the
+    MLflow client retries a refused connection with backoff for minutes before failing.
+    """
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status == 200:
+                    return
+                problem = f"answered HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            problem = f"answered HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            problem = f"did not answer ({getattr(exc, 'reason', exc)})"
+        raise TrackingError(
+            f"MLflow tracking server {uri} {problem} on /health within {timeout:.0f} s. Start it "
+            f"(`rdml ui` or `mlflow server --host 127.0.0.1 --port <port>`), or point tracking.uri / "
+            "MLFLOW_TRACKING_URI at a running server or a sqlite store (tracking.uri=sqlite:///path/mlflow.db), "
+            "or disable tracking with --set tracking.enabled=false"
+        )
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot create the directory of the MLflow sqlite store {uri}: {exc}; "
+                "set tracking.uri to a writable location"
+            ) from None
+        if not os.access(db.parent, os.W_OK):
+            raise TrackingError(f"the MLflow sqlite store {uri} is not writable; set tracking.uri to a writable location")
+
+
+def client(uri: str) -> MlflowClient:
+    """An MlflowClient bound to ``uri`` (no global tracking state is touched)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing (race-safe: a concurrent creator wins)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return c.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        except MlflowException:
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow store {uri} refused to open experiment {name!r}: {exc.message}") from None
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    root = artifact_root(uri)
+    if root is None:
+        return None
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
+    return str(Path(root) / safe)
+
+
+def resolved_uri(tracking: TrackingConfig | str | None) -> str:
+    """URI from a TrackingConfig, an explicit URI string, or the environment/default."""
+    if tracking is None or isinstance(tracking, str):
+        return resolve_uri(tracking)
+    return resolve_uri(tracking.uri)
