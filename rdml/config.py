@@ -127,6 +127,9 @@ class TrainConfig(_Section):
     seed: int = 0
     eval_every: int = Field(default=1, ge=0, description="epochs between evaluations; 0 = only at the end")
     checkpoint_every: int = Field(default=1, gt=0)
+    keep_checkpoints: int | None = Field(
+        default=3, gt=0, description="keep the newest N epoch-*.pt files (last.pt always); None: keep all"
+    )
     output_dir: Path = Path("runs")
     workers: int = Field(default=1, gt=0, description="Ray Train DDP workers")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -93,3 +93,79 @@ def tiny_config(tmp_path):
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False},
         }
     )
+
+
+# ---- attack-suite fixtures (owner: attacks/robustness) ---------------------------------------------
+
+
+class TinyEmbedder:
+    """Factory for a small conv net with L2-normalised output (fast stand-in for C2F2 in attack tests)."""
+
+    @staticmethod
+    def build(dim: int = 32, seed: int = 0):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class Tiny(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = nn.Sequential(
+                    nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                    nn.Flatten(), nn.Linear(32 * 7 * 7, dim),
+                )
+                self.embedding_dim = dim
+
+            def forward(self, x):
+                return F.normalize(self.net(x), dim=1)
+
+        torch.manual_seed(seed)
+        return Tiny()
+
+
+@pytest.fixture(scope="session")
+def digits_splits():
+    """The embedded digits dataset (zero-shot: classes 0-4 train, 5-9 test)."""
+    from rdml.config import build_config
+    from rdml.data import build_datasets
+
+    return build_datasets(build_config({}).data)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(digits_splits):
+    """A tiny undefended embedder trained for a few seconds on digits (normalised-softmax loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: 2 contended OpenMP threads are up to 100x slower than 1
+    train = digits_splits.train
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    y = torch.as_tensor(train.labels)
+    model = TinyEmbedder.build()
+    proxies = torch.nn.Parameter(torch.randn(int(y.max()) + 1, model.embedding_dim, generator=torch.Generator().manual_seed(0)))
+    opt = torch.optim.Adam([*model.parameters(), proxies], lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        perm = torch.randperm(len(x), generator=gen)
+        for s in range(0, len(x), 128):
+            idx = perm[s : s + 128]
+            logits = model(x[idx]) @ F.normalize(proxies, dim=1).t() / 0.1
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test's tiny-tensor attack loops on one torch thread (much faster on a busy 2-core box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

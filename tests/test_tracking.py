@@ -92,7 +92,7 @@ def test_full_run_round_trip_through_server(mlflow_server, tmp_path):
     hist = c.get_metric_history(run_id, "eval/recall_at_1")
     assert [(m.step, round(m.value, 3)) for m in hist] == [(0, 0.5), (1, 0.6), (2, 0.7)]
     assert len(c.get_metric_history(run_id, "train/loss")) >= 3
-    assert [m.step for m in c.get_metric_history(run_id, "train/passes")] == [0, 2, 4, 6, 8, 10]
+    assert [m.step for m in c.get_metric_history(run_id, "step/passes")] == [0, 2, 4, 6, 8, 10]
     assert c.get_run(run_id).data.metrics["final/recall_at_1"] == pytest.approx(0.7)
 
     log_dict(run_id, {"a": 1, "b": [1, 2]}, "extra/info.json")

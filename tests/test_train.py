@@ -48,7 +48,8 @@ def with_(cfg, **sections):
 
 
 def test_fit_learns_writes_checkpoints_and_reports_metrics(tiny_config, tmp_path):
-    cfg = with_(tiny_config, **{"train.epochs": 3, "train.max_steps_per_epoch": 12, "train.lr_schedule": "cosine"})
+    cfg = with_(tiny_config, **{"train.epochs": 3, "train.max_steps_per_epoch": 12, "train.lr_schedule": "cosine",
+                             "train.keep_checkpoints": 2})
     rec = Recorder()
     result = fit(cfg, callbacks=[rec], run_dir=tmp_path / "run")
 
@@ -69,7 +70,7 @@ def test_fit_learns_writes_checkpoints_and_reports_metrics(tiny_config, tmp_path
     assert result.metrics == rec.epochs[-1][1] and result.history == [m for _, m in rec.epochs]
 
     ckdir = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in ckdir.iterdir()) == ["epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt", "last.pt"]
+    assert sorted(p.name for p in ckdir.iterdir()) == ["epoch-0002.pt", "epoch-0003.pt", "last.pt"]  # pruned
     assert result.checkpoint == ckdir / "last.pt" and rec.checkpoints[-1] == ckdir / "epoch-0003.pt"
     assert rec.result is result and rec.started == cfg
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ def _static(model, dataset, indices, spec, clean_emb, groups, centroids, batch_s
 def _dynamic(model, dataset, indices, spec, groups, centroids, k, batch_size, device, gen, progress, key):
     budget = spec.budget
     if budget.eps == 0 or budget.steps == 0:
-        one = replace(spec, steps=0)
+        one = spec.model_copy(update={"steps": 0})
         return _static(model, dataset, indices, one, None, groups, centroids, batch_size, device, gen, progress, key)
     step_budget = Budget(budget.eps, budget.alpha, 1, budget.norm, budget.random_start, 1)
     current: list[Tensor | None] = [None] * ((len(indices) + batch_size - 1) // batch_size)

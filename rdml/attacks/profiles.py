@@ -231,7 +231,9 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> AttackPro
         defaults[field] = _coerce(field, str(raw))
     specs = []
     for entry in data.pop("attacks", None) or []:
-        if isinstance(entry, str):
+        if isinstance(entry, AttackSpec):
+            specs.append(entry)
+        elif isinstance(entry, str):
             specs.append(parse_attack_spec(entry, defaults))
         elif isinstance(entry, dict):
             text = ":".join([str(entry.get("kind", ""))] + [f"{k}={v}" for k, v in entry.items() if k != "kind"])

@@ -68,7 +68,7 @@ class AttackOutcome:
     values: dict[str, np.ndarray]  # metric name (prefixed with the key) -> per-sample value
     iterations: np.ndarray  # PGD steps taken per sample
     passes: int  # forward+backward passes made by the engine
-    batch_sizes: list[int] = field(default_factory=list)  # size of every batch handed to the engine
+    batch_passes: list[tuple[int, int]] = field(default_factory=list)  # (batch size, engine passes) per batch
     seconds: float = 0.0
     adv_images: Tensor | None = None  # all adversarial images (CPU) when asked for
     examples: dict | None = None  # a few clean/adversarial images with their top-k retrievals
@@ -134,7 +134,7 @@ def run_ranking_attack(
             done = None if active is None else (lambda x, losses, active=active: ~active)
             res = pgd(objective, x0, spec.budget, done=done, generator=pgd_generator)
             passes += res.passes
-            sizes.append(len(x0))
+            sizes.append((len(x0), res.passes))
             if spec.restarts > 1 or "emb" not in stash:
                 with torch.no_grad():
                     stash["emb"] = model(res.x_adv)
@@ -144,7 +144,7 @@ def run_ranking_attack(
                 adv = torch.where(active.view(-1, 1), adv, clean)
             with torch.no_grad():
                 for name, v in attack.measure(adv, ctx).items():
-                    values.setdefault(_rename(name, spec, key), []).append(v.detach().float().cpu())
+                    values.setdefault(_rename(name, spec, key), []).append(v.detach().double().cpu())
             iterations.append(res.iterations.cpu())
             if keep_images:
                 kept.append(adv_x.cpu())
@@ -166,7 +166,7 @@ def run_ranking_attack(
         values={k: torch.cat(v).numpy() for k, v in values.items()},
         iterations=torch.cat(iterations).numpy() if iterations else np.zeros(0, dtype=np.int64),
         passes=passes,
-        batch_sizes=sizes,
+        batch_passes=sizes,
         seconds=time.perf_counter() - started,
         adv_images=torch.cat(kept) if kept else None,
     )

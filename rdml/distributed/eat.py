@@ -182,7 +182,7 @@ class _MemberActorImpl:
         all_labels = torch.cat(labels)
         counter = {"t": 0}
 
-        def gather(losses: torch.Tensor, grad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def gather(losses: torch.Tensor, grad: torch.Tensor | None) -> list[tuple[torch.Tensor, Any]]:
             counter["t"] += 1
             if members == 1:
                 return [(losses, grad)]
@@ -193,8 +193,9 @@ class _MemberActorImpl:
             refs = self._all_gather(f"{step}/grad/{counter['t']}", self._put(record))
             out = []
             for r in self._get(refs):
+                g = None if r.input_grad is None else torch.from_numpy(np.array(r.input_grad, dtype=np.float32))
                 out.append((torch.from_numpy(np.array(r.adv_loss, dtype=np.float32)).to(self.device),
-                            torch.from_numpy(np.array(r.input_grad, dtype=np.float32)).to(self.device)))
+                            None if g is None else g.to(self.device)))
             return out
 
         objective = ExchangedObjective(m.own_objective(labels, sizes), gather)
@@ -210,6 +211,15 @@ class _MemberActorImpl:
     def _count_step(self, t0: float) -> None:
         self.timing["step"] += time.perf_counter() - t0
         self.timing["steps"] += 1
+
+    def robustness(self, profiles: list[str]) -> dict[str, float]:
+        """This member's robustness under ``profiles`` (run in the actor, in parallel with the others)."""
+        from rdml.data import build_datasets
+        from rdml.ensemble.report import robustness_of
+
+        test = build_datasets(self.cfg.data).test
+        model = self.member.model
+        return robustness_of({"m": model}, test, self.cfg, profiles, device=str(self.device))["m"]
 
     # -- state -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -421,6 +431,13 @@ class RayEnsemble:
         import ray
 
         return ray.get([a.model_state.remote() for a in self.actors])
+
+    def member_robustness(self, profiles: list[str]):
+        """Start every member's robustness evaluation in its actor; returns ``wait() -> [rows]``."""
+        import ray
+
+        futures = [a.robustness.remote(list(profiles)) for a in self.actors]
+        return lambda: ray.get(futures)
 
     def info(self) -> list[dict[str, Any]]:
         import ray

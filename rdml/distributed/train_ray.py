@@ -53,6 +53,8 @@ def _worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config["threads"]))
     device = "cpu"
     if config["use_cuda"] and torch.cuda.is_available():
+        import ray.train.torch
+
         device = ray.train.torch.get_device()
     callbacks = [config["logger"]] if rank == 0 and config.get("logger") is not None else []
     result = fit(cfg, callbacks=callbacks, resume=config["resume"], rank=rank, world_size=world_size,
@@ -144,7 +146,8 @@ def train_with_ray(
     address = address or cfg.ray.address
     started = False
     if not ray.is_initialized():
-        init_kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False}
+        # the dashboard stays on (loopback only): Ray Train V2 polls the state API through it
+        init_kwargs: dict[str, Any] = {"log_to_driver": True}
         if address is None:
             init_kwargs.update(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
         else:

@@ -94,5 +94,15 @@ class LocalEnsemble:
     def ensemble_model(self) -> EnsembleModel:
         return EnsembleModel([m.model for m in self.members], self.cfg.ensemble.combine)
 
+    def member_robustness(self, profiles: list[str], test_set=None):
+        """Every member's robustness (computed now, in turn); returns ``wait() -> [rows]``."""
+        from rdml.data import build_datasets
+        from rdml.ensemble.report import robustness_of
+
+        test = test_set if test_set is not None else build_datasets(self.cfg.data).test
+        rows = [robustness_of({"m": m.model}, test, self.cfg, profiles, device=str(m.device))["m"]
+                for m in self.members]
+        return lambda: rows
+
     def shutdown(self) -> None:
         pass

@@ -112,17 +112,20 @@ class Member:
 
     def draw(self) -> tuple[Tensor, Tensor, Tensor]:
         """The next (images, labels, sample ids) of the member's subset; a new epoch when exhausted."""
-        if self._iter is None:
-            self._iter = self._loader_iter()
-        try:
-            batch = next(self._iter)
-        except StopIteration:
-            self.epoch += 1
-            self.pos = 0
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self._iter = self._loader_iter()
-            batch = next(self._iter)
+        # A DataLoader iterator draws a base seed from torch's global RNG; batches are a function of
+        # (seed, epoch) alone, so that draw is discarded to keep the member's stream (and resumes) exact.
+        with torch.random.fork_rng(devices=[]):
+            if self._iter is None:
+                self._iter = self._loader_iter()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self.epoch += 1
+                self.pos = 0
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self._iter = self._loader_iter()
+                batch = next(self._iter)
         self.pos += 1
         x, y, ids = batch
         self._batch = (x.to(self.device), y.to(self.device), ids.to(torch.int64))

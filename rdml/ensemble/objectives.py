@@ -70,8 +70,9 @@ class _MeanGradient(torch.autograd.Function):
         return grad_out.view(shape) * mean_grad, None, None
 
 
-Gather = Callable[[Tensor, Tensor], list[tuple[Tensor, Tensor]]]
-"""(own per-sample losses, own input gradient) -> every member's (losses, gradient), in member order."""
+Gather = Callable[[Tensor, "Tensor | None"], list[tuple[Tensor, "Tensor | None"]]]
+"""(own per-sample losses, own input gradient or None) -> every member's (losses, gradient), in member order.
+The gradient is None in the engine's final no-grad loss evaluation (only losses are exchanged)."""
 
 
 class ExchangedObjective:
@@ -88,19 +89,19 @@ class ExchangedObjective:
         self.exchanges = 0
 
     def __call__(self, x: Tensor) -> Tensor:
+        if not x.requires_grad:  # the engine's final no-grad evaluation: exchange the losses only
+            with torch.no_grad():
+                losses = self.own(x)
+            contributions = self.gather(losses, None)
+            self.exchanges += 1
+            return torch.stack([c[0].to(losses) for c in contributions]).mean(0)
         with torch.enable_grad():
-            if not x.requires_grad:  # the engine's final no-grad evaluation
-                x_in = x.detach().requires_grad_(True)
-            else:
-                x_in = x
-            losses = self.own(x_in)
-            (grad,) = torch.autograd.grad(losses.sum(), x_in, retain_graph=False)
+            losses = self.own(x)
+            (grad,) = torch.autograd.grad(losses.sum(), x, retain_graph=False)
         contributions = self.gather(losses.detach(), grad.detach())
         self.exchanges += 1
         mean_loss = torch.stack([c[0].to(losses) for c in contributions]).mean(0)
         mean_grad = torch.stack([c[1].to(grad) for c in contributions]).mean(0)
-        if not x.requires_grad:
-            return mean_loss
         return _MeanGradient.apply(x, mean_loss, mean_grad)
 
 

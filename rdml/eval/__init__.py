@@ -12,7 +12,7 @@ from rdml.eval.clustering import (
 from rdml.eval.embed import embed
 from rdml.eval.knn import knn
 from rdml.eval.metrics import benign_metrics, evaluate_model
-from rdml.eval.retrieval import metrics_from_ranks, positive_ranks, retrieval_metrics
+from rdml.eval.retrieval import knn_metrics, metrics_from_ranks, positive_ranks, retrieval_metrics
 
 __all__ = [
     "ari_score",
@@ -25,6 +25,7 @@ __all__ = [
     "evaluate_model",
     "kmeans",
     "knn",
+    "knn_metrics",
     "metrics_from_ranks",
     "nmi_score",
     "positive_ranks",

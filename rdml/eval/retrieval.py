@@ -47,6 +47,11 @@ def _class_table(db_labels: np.ndarray, num_classes: int) -> tuple[torch.Tensor,
     return torch.from_numpy(table), counts
 
 
+def _float_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like the (clamped non-negative) float32 values."""
+    return x.float().clamp_min(0.0).view(torch.int32).to(torch.int64)
+
+
 def _augment(x: torch.Tensor, sq: torch.Tensor, side: str) -> torch.Tensor:
     """[x, |x|², 1] (queries) or [-2x, 1, |x|²] (database): one GEMM then gives squared L2 distances."""
     one = torch.ones_like(sq)[:, None]
@@ -97,7 +102,6 @@ def positive_ranks(
     qa = _augment(q, q_sq, "query")
     da = _augment(db, db_sq, "db")
     qc = torch.from_numpy(qc_np).to(dev)
-    dc = torch.from_numpy(dc_np).to(dev)
     table = table.to(dev)
 
     # 1. squared distances to each query's positives, sorted; pads (and self) = +inf
@@ -115,37 +119,46 @@ def positive_ranks(
     hi_row = torch.where(valid.any(1), pd.masked_fill(~torch.isfinite(pd), -inf).amax(1), torch.full_like(pd[:, 0], -inf))
     if not bool(torch.isfinite(hi_row).any()):
         return np.full((nq, max_count), np.inf), num_pos
-    hi = float(hi_row[torch.isfinite(hi_row)].max().item())
-    lo = -1.0 - 1e-3 * float(max(q_sq.max().item(), db_sq.max().item()))
-    span = hi - lo + 2.0
-    # global sorted keys: row r's positives live in [r*span, (r+1)*span); pads just above the row's values
-    keys = torch.where(torch.isfinite(pd), pd.double() - lo, torch.full_like(pd, hi - lo + 1.0, dtype=torch.float64))
-    keys = (keys + torch.arange(nq, device=dev, dtype=torch.float64)[:, None] * span).reshape(-1)
+    # order-preserving integer keys: row r's positives occupy [r << 32, (r+1) << 32); the bit pattern of
+    # a non-negative float32 is monotone in its value (+inf pads sort after every finite distance)
+    keys = (torch.arange(nq, device=dev, dtype=torch.int64)[:, None] << 32) + _float_bits(pd)
+    keys = keys.reshape(-1)
     hist = torch.zeros(nq * (max_count + 1), dtype=torch.int64, device=dev)
 
-    def count(rows: torch.Tensor, vals: torch.Tensor, r0: int, r1: int) -> None:
-        """Add negatives (global row ids ``rows`` in [r0, r1), squared distances ``vals``) to the histogram."""
-        if rows.numel() == 0:
+    def count(local_rows: torch.Tensor, vals: torch.Tensor, r0: int, r1: int) -> None:
+        """Add negatives (rows ``r0 + local_rows``, squared distances ``vals``) to the histogram."""
+        if local_rows.numel() == 0:
             return
-        key = (vals.double() - lo) + rows.double() * span
-        local = keys[r0 * max_count : r1 * max_count]
-        bucket = torch.searchsorted(local, key, right=True) + r0 * max_count - rows * max_count
-        hist.index_add_(0, rows * (max_count + 1) + bucket, torch.ones_like(rows))
+        local_keys = keys[r0 * max_count : r1 * max_count] - (r0 << 32)
+        key = _float_bits(vals).add_(local_rows << 32)
+        pos_le = torch.searchsorted(local_keys, key, right=True)
+        # bucket = #positives of the row <= v = pos_le - row*M; histogram index row*(M+1) + bucket
+        window = (r1 - r0) * (max_count + 1)
+        hist[r0 * (max_count + 1) : r0 * (max_count + 1) + window] += torch.bincount(
+            pos_le.add_(local_rows), minlength=window
+        )
 
     # 2. one pass over the distance matrix in tiles: count negatives closer than each positive
+    members = pos  # every same-class database item of each query (self included)
     for i0 in range(0, nq, block):
         i1 = min(nq, i0 + block)
         thr_rows = hi_row[i0:i1, None]
+        mem = members[i0:i1]
         for j0 in range(i0 if self_query else 0, n, block):
             j1 = min(n, j0 + block)
+            w = j1 - j0
             tile = qa[i0:i1] @ da[j0:j1].T  # squared L2 distances
-            ri, cj = torch.nonzero(tile < thr_rows, as_tuple=True)
-            neg = qc[i0 + ri] != dc[j0 + cj]  # drops positives and self
-            count(i0 + ri[neg], tile[ri[neg], cj[neg]], i0, i1)
+            # same-class pairs (positives, self) never count as closer negatives; the relation is
+            # symmetric, so this also serves the transposed tile
+            inside = (mem >= j0) & (mem < j1)
+            pr, pc = torch.nonzero(inside, as_tuple=True)
+            tile[pr, mem[pr, pc] - j0] = inf
+            flat_tile = tile.view(-1)
+            flat = torch.nonzero((tile < thr_rows).view(-1)).view(-1)
+            count(torch.div(flat, w, rounding_mode="floor"), flat_tile[flat], i0, i1)
             if self_query and j0 != i0:  # the transposed tile serves rows j0..j1
-                ri, cj = torch.nonzero(tile < hi_row[None, j0:j1], as_tuple=True)
-                neg = qc[i0 + ri] != dc[j0 + cj]
-                count(j0 + cj[neg], tile[ri[neg], cj[neg]], j0, j1)
+                flat = torch.nonzero((tile < hi_row[None, j0:j1]).view(-1)).view(-1)
+                count(torch.remainder(flat, w), flat_tile[flat], j0, j1)
 
     neg_closer = hist.view(nq, max_count + 1).cumsum(1)[:, :max_count]
     ranks = neg_closer.double() + torch.arange(1, max_count + 1, device=dev, dtype=torch.float64)
@@ -172,6 +185,44 @@ def metrics_from_ranks(ranks: np.ndarray, num_pos: np.ndarray, ks=KS) -> dict[st
     return out
 
 
+def knn_metrics(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    database: np.ndarray | None = None,
+    database_labels: np.ndarray | None = None,
+    ks=KS,
+) -> dict[str, float]:
+    """R@k and mAP@R from one faiss kNN list of length max(max k, largest R); ``map`` is NaN.
+
+    Cheaper than :func:`positive_ranks` when positives sit deep in the ranking (it never counts
+    the negatives in front of far positives), but it cannot give the mAP of the full ranking.
+    """
+    from rdml.eval.knn import knn
+
+    self_query = database is None
+    if self_query:
+        database, database_labels = query, query_labels
+    ql = np.asarray(query_labels).reshape(-1)
+    dl = np.asarray(database_labels).reshape(-1)
+    classes, inv = np.unique(np.concatenate([ql, dl]), return_inverse=True)
+    qc, dc = inv[: len(ql)], inv[len(ql) :]
+    num_pos = np.bincount(dc, minlength=len(classes))[qc] - int(self_query)
+    use = num_pos > 0
+    nan = {**{f"recall@{k}": math.nan for k in ks}, "map": math.nan, "map@r": math.nan}
+    if not use.any():
+        return nan
+    k = int(min(len(dl) - int(self_query), max(max(ks), int(num_pos.max()))))
+    _, idx = knn(query, database, k, exclude_self=self_query)
+    rel = dc[idx[use]] == qc[use][:, None]
+    npos = num_pos[use].astype(np.float64)
+    out = {f"recall@{kk}": float(rel[:, :kk].any(1).mean()) for kk in ks}
+    prec = np.cumsum(rel, 1) / np.arange(1, k + 1)[None, :]
+    within = np.arange(k)[None, :] < npos[:, None]
+    out["map"] = math.nan
+    out["map@r"] = float(np.mean((prec * rel * within).sum(1) / npos))
+    return out
+
+
 def retrieval_metrics(
     emb,
     labels,
@@ -180,14 +231,20 @@ def retrieval_metrics(
     ks=KS,
     device=None,
     block: int | None = None,
+    full_map: bool = True,
 ) -> dict[str, float]:
     """``{"recall@1","recall@2","recall@4","recall@8","map","map@r"}`` as fractions in [0,1].
 
     Without a gallery: every item queries the whole set, its own index excluded. With
     ``gallery_emb``/``gallery_labels`` (In-Shop): ``emb`` are queries searched against the gallery.
+    ``full_map=False`` skips the mAP of the full ranking (``map`` is NaN) and scores a faiss kNN list
+    instead (:func:`knn_metrics`), which is faster when positives sit deep in the ranking.
     """
     if (gallery_emb is None) != (gallery_labels is None):
         raise ValueError("pass both gallery_emb and gallery_labels, or neither")
+    if not full_map:
+        return knn_metrics(np.asarray(emb), np.asarray(labels), None if gallery_emb is None else np.asarray(gallery_emb),
+                           None if gallery_labels is None else np.asarray(gallery_labels), ks)
     ranks, num_pos = positive_ranks(
         np.asarray(emb), np.asarray(labels), None if gallery_emb is None else np.asarray(gallery_emb),
         None if gallery_labels is None else np.asarray(gallery_labels), device=device, block=block,

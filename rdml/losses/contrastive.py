@@ -1,8 +1,8 @@
 """Contrastive loss over all pairs of the batch (pytorch-metric-learning's ``ContrastiveLoss``).
 
 Positive pairs: max(0, d - pos_margin); negative pairs: max(0, neg_margin - d), with d the Euclidean
-distance of L2-normalised embeddings; averaged over the pairs with a non-zero loss (PML's default
-``AvgNonZeroReducer``).
+distance of L2-normalised embeddings. Each of the two terms is averaged over its pairs with a
+non-zero loss (PML's default ``AvgNonZeroReducer``) and the two averages are summed.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ class NullLogger:
 class RunLogger:
     """Training :class:`~rdml.train.Callback` logging to the MLflow run ``run_id``.
 
-    * ``on_step``: every ``log_every_steps`` steps, the step stats (``train/<key>``, step = global step),
+    * ``on_step``: every ``log_every_steps`` steps, the step stats (``step/<key>``, step = global step;
+      the per-epoch means are the ``train/<key>`` metrics of ``on_epoch_end``),
       buffered;
     * ``on_epoch_end``: the epoch metrics (step = epoch) plus the buffer, in one batch;
     * ``on_checkpoint``: remembers the newest checkpoint;
@@ -77,7 +78,7 @@ class RunLogger:
 
     def on_step(self, step: int, stats: dict[str, float]) -> None:
         if self.active and step % self.log_every_steps == 0:
-            self._buffer.extend(runs.metric_entities({f"train/{k}": v for k, v in stats.items()}, step))
+            self._buffer.extend(runs.metric_entities({f"step/{k}": v for k, v in stats.items()}, step))
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         self._history.append({"epoch": epoch, **metrics})

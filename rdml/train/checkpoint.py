@@ -12,6 +12,8 @@ Layout of a run directory::
                                               epoch-0002.pt
                                               last.pt        (a copy of the newest)
 
+Only the newest ``train.keep_checkpoints`` epoch files are kept (``last.pt`` always is).
+
 Checkpoints are pickles (``torch.load(weights_only=False)``): load only files you trust.
 """
 
@@ -133,6 +135,17 @@ def save_checkpoint(
     if update_last and path.name != LAST:
         _atomic_copy(path, path.parent / LAST)
     return path
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` ``epoch-*.pt`` files (never ``last.pt``); returns the deleted."""
+    if keep is None:
+        return []
+    files = sorted(Path(ckpt_dir).glob("epoch-*.pt"))
+    doomed = files[: max(0, len(files) - keep)]
+    for f in doomed:
+        f.unlink(missing_ok=True)
+    return doomed
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

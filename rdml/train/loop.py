@@ -12,7 +12,7 @@ the same number of steps (the minimum over ranks). The defense receives the DDP 
 its PGD inner maximisation on ``model.module`` (:func:`rdml.train.checkpoint.unwrap`), because DDP's
 forward hooks and buffer broadcasts are collectives, and attacks that stop early on one rank only would
 otherwise deadlock the group. Only the outer (update) forward goes through the wrapper, so gradients
-are averaged once per step. (Measured: with ``broadcast_buffers=False``, which the loop sets, PGD
+are averaged once per step. (Measured: with ``forward_sync_buffers=False``, which the loop sets, PGD
 through the wrapper also works with gloo, even with different PGD iteration counts per rank, because
 frozen parameters register no gradient hooks; unwrapping is still the safe rule.)
 """
@@ -34,7 +34,7 @@ from torch import nn
 from rdml.config import ExperimentConfig
 from rdml.errors import ConfigError, TrainingDivergedError
 from rdml.train.callbacks import CallbackList
-from rdml.train.checkpoint import LAST, load_checkpoint, save_checkpoint, unwrap
+from rdml.train.checkpoint import LAST, load_checkpoint, prune_checkpoints, save_checkpoint, unwrap
 from rdml.train.optim import build_optimizer, build_scheduler, rescale_lr
 from rdml.train.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 
@@ -125,6 +125,13 @@ def _evaluate(model: nn.Module, splits: Any, cfg: ExperimentConfig, device: torc
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
+def _average_grads(params: list[torch.Tensor], world_size: int) -> None:
+    for p in params:  # every rank must join every all-reduce, with or without a gradient
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        _all_reduce(p.grad, "SUM").div_(world_size)
+
+
 def _params_finite(*modules: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
@@ -187,7 +194,7 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
 
-    seed_everything(derive_seed(tc.seed, rank))
+    seed_everything(derive_seed(tc.seed))  # same initial weights (and proxies) on every rank
     splits = build_datasets(cfg.data)
     train_set = splits.train
     model = build_model(cfg.model, in_channels=train_set.in_channels, image_size=train_set.image_size).to(device)
@@ -224,9 +231,10 @@ def fit(
         ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         # no buffer broadcast: it is a collective inside forward, and PGD runs a rank-dependent number
         # of forwards (early stop); BN statistics stay per rank, rank 0's are checkpointed
-        train_model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        train_model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     cbs.on_train_start(cfg)
     metrics: dict[str, float] = dict(history[-1]) if history else {}
     model.train()
@@ -255,6 +263,8 @@ def fit(
                 raise _diverged(epoch, step, global_step + 1, f"the loss is {float(loss_value)}", cfg, last_good)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if world_size > 1:
+                _average_grads(loss_params, world_size)  # DDP averages the model's; proxies live outside it
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             optimizer.step()
@@ -289,6 +299,7 @@ def fit(
                 scheduler=scheduler, defense=defense, loss=loss_fn, metrics=metrics, history=history,
                 rng_state=rng_state(),
             )
+            prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
             cbs.on_checkpoint(last_good)
         cbs.on_epoch_end(epoch, metrics)
 

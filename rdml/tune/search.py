@@ -216,7 +216,7 @@ def _summarise(grid: Any, space: SearchSpace, cfg: ExperimentConfig, exp_dir: Pa
             f"see the trial logs under {exp_dir}"
         )
     keys = list(space.params)
-    Console().print(front_table(front, objectives, keys, title=f"{space.name}: Pareto front ({len(front)} of {len(trials)} trials)"))
+    Console(width=200).print(front_table(front, objectives, keys, title=f"{space.name}: Pareto front ({len(front)} of {len(trials)} trials)"))
 
     recipes_dir = exp_dir / "pareto"
     recipes_dir.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ class TuneReporter:
         self._robust: dict[str, float] = {}
         self._test = None
         self.last: dict[str, float] = {}
+        self.final_reported = False
 
     def on_checkpoint(self, path: Any) -> None:
         self._checkpoint = str(path)
@@ -81,7 +82,8 @@ class TuneReporter:
         report.update(self._robust)
         report["epoch"] = float(epoch)
         self.last = report
-        tune.report(report)
+        self.final_reported = last
+        tune.report(report)  # raises SystemExit when the scheduler stops the trial
 
     def test_set(self) -> Any:
         if self._test is None:
@@ -120,14 +122,20 @@ def train_trial(config: dict[str, Any]) -> None:
         run_id = start_run(cfg, parent_run_id=config["parent_run_id"], nested=True, tags=tags,
                            run_name=f"{space.name}-{trial_id}")
     status = "FAILED"
+    progress = {"final_reported": False}
     try:
         if space.kind == "ensemble":
-            _ensemble_trial(cfg, space, run_id, run_dir)
+            _ensemble_trial(cfg, space, run_id, run_dir, progress)
         elif cfg.train.workers > 1:
-            _ray_train_trial(cfg, space, run_id, run_dir)
+            _ray_train_trial(cfg, space, run_id, run_dir, progress)
         else:
-            _fit_trial(cfg, space, run_id, run_dir)
+            _fit_trial(cfg, space, run_id, run_dir, progress)
         status = "FINISHED"
+    except SystemExit:
+        # tune.report exits the trial's thread when the scheduler stops it; after the last epoch's
+        # report that is a normal end (ASHA stops at max_t), before it an early stop
+        status = "FINISHED" if progress["final_reported"] else "KILLED"
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -139,7 +147,8 @@ def train_trial(config: dict[str, Any]) -> None:
                 pass
 
 
-def _fit_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | None, run_dir: Path) -> None:
+def _fit_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | None, run_dir: Path,
+               progress: dict[str, bool]) -> None:
     from rdml.tracking import RunLogger
     from rdml.train import fit, resolve_device
 
@@ -148,11 +157,16 @@ def _fit_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | None, ru
     if run_id is not None:
         # the model and its embedding picture belong to the best configs, not to every trial
         callbacks.append(RunLogger(run_id, cfg.tracking, final_artifacts=False))
-    callbacks.append(TuneReporter(cfg, space, run_id, device))
-    fit(cfg, callbacks=callbacks, run_dir=run_dir, device=device)
+    reporter = TuneReporter(cfg, space, run_id, device)
+    callbacks.append(reporter)
+    try:
+        fit(cfg, callbacks=callbacks, run_dir=run_dir, device=device)
+    finally:
+        progress["final_reported"] = reporter.final_reported
 
 
-def _ray_train_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | None, run_dir: Path) -> None:
+def _ray_train_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | None, run_dir: Path,
+                     progress: dict[str, bool]) -> None:
     """``train.workers > 1``: Ray Train DDP inside the trial; one report with the final metrics."""
     from ray import tune
 
@@ -172,10 +186,12 @@ def _ray_train_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | No
 
             log_metrics(run_id, {f"robust/{k}": v for k, v in rob.items()}, step=cfg.train.epochs)
     report["epoch"] = float(cfg.train.epochs)
+    progress["final_reported"] = True
     tune.report(report)
 
 
-def _ensemble_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | None, run_dir: Path) -> None:
+def _ensemble_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | None, run_dir: Path,
+                    progress: dict[str, bool]) -> None:
     """EAT in the trial: the in-process backend (members share the trial's CPUs), ERS at the end."""
     from ray import tune
 
@@ -210,4 +226,5 @@ def _ensemble_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | Non
         if run_id is not None:
             log_metrics(run_id, {f"robust/{k}": v for k, v in rob.items()}, step=result.steps)
     final["epoch"] = float(max(n_reports, cfg.train.epochs))
+    progress["final_reported"] = True
     tune.report({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})

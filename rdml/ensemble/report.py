@@ -1,0 +1,70 @@
+"""Final robustness of every member and of the combined ensemble, and the table the command prints.
+
+The numbers come from :func:`rdml.eval.robustness.evaluate_robustness` (one implementation of every
+attack and metric); this module only chooses the profiles, runs them per model, and lays out rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rdml.config import ExperimentConfig
+
+
+def default_profiles(cfg: ExperimentConfig, image_size: int) -> list[str]:
+    """``eval.profile`` if set, else the quick ERS profile plus the clustering profile for the image size."""
+    if cfg.eval.profile:
+        return [p.strip() for p in cfg.eval.profile.split(",") if p.strip()]
+    return ["quick", "clustering28" if image_size <= 64 else "clustering"]
+
+
+def robustness_of(models: dict[str, Any], dataset, cfg: ExperimentConfig, profiles: Sequence[str],
+                  device: str = "cpu") -> dict[str, dict[str, float]]:
+    """``{model name: {metric: value}}`` for every model under every profile (white-box, end to end)."""
+    from rdml.eval.robustness import evaluate_robustness
+
+    out: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        row: dict[str, float] = {}
+        for profile in profiles:
+            result = evaluate_robustness(model.eval(), dataset, profile, device=device, seed=cfg.eval.attack_seed,
+                                         max_queries=cfg.eval.max_queries, batch_size=cfg.data.eval_batch_size,
+                                         progress=False)
+            row.update({k: float(v) for k, v in result.items()})
+        out[name] = row
+    return out
+
+
+_CLEAN_ROWS = ("recall@1", "map@r", "nmi", "ari")
+
+
+def table_rows(benign: dict[str, float], robust: dict[str, dict[str, float]], names: Sequence[str]
+               ) -> list[tuple[str, list[float | None]]]:
+    """Rows (metric, value per model) for the summary table: clean, ERS attacks, clustering attacks."""
+    rows: list[tuple[str, list[float | None]]] = []
+    for key in _CLEAN_ROWS:
+        rows.append((f"clean {key}", [benign.get(f"{n}/{key}") for n in names]))
+    keys: list[str] = []
+    for row in robust.values():
+        for k in row:
+            if k not in keys and (k.startswith("attacks.") or k == "ers"
+                                  or (k.startswith("clustering.") and k.endswith((".nmi", ".recall@1")))):
+                keys.append(k)
+    for key in keys:
+        rows.append((key, [robust.get(n, {}).get(key) for n in names]))
+    return rows
+
+
+def print_table(title: str, rows: list[tuple[str, list[float | None]]], names: Sequence[str]) -> None:
+    """A rich table (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n, justify="right")
+    for label, values in rows:
+        table.add_row(label, *["-" if v is None else f"{v:.3f}" if abs(v) <= 1.5 else f"{v:.1f}" for v in values])
+    Console(width=max(100, 22 + 12 * len(names))).print(table)

@@ -1,0 +1,220 @@
+"""The robustness report: the paper-style table, per-query Parquet, and plots, as files in a directory.
+
+Input is the flat evaluation dict written by ``rdml evaluate --json`` (benign ``recall@1``... as
+fractions, ``attacks.<name>``, ``ers``, ``clustering.<attack>.<metric>``, optionally
+``curve.<metric>.eps=<eps>`` and ``masking.*``). Output (``write_report``):
+
+* ``report.md`` and ``report.html``: benign R@1 / R@2 / mAP / NMI (%), the ten ERS attacks with their
+  arrows (as in the paper's tables), ERS; further attacks and the clustering attacks in their own
+  tables; flags for collapse (R@1 < 5%, whatever the ERS) and for suspected gradient masking;
+* ``per_query.parquet`` when per-query results are given;
+* ``robust_curve.png`` (metric vs eps) when curve keys are present, ``examples.png`` (clean vs
+  adversarial queries with their top-k retrievals) when examples are given.
+
+The lead wires these files into MLflow; this module does not import mlflow.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rdml.attacks.ers import COLLAPSE_R1
+from rdml.attacks.profiles import ERS_KEYS
+
+BENIGN = (("recall@1", "R@1"), ("recall@2", "R@2"), ("map", "mAP"), ("nmi", "NMI"))
+ARROWS = {"CA+": "↑", "CA-": "↓", "QA+": "↑", "QA-": "↓", "TMA": "↓", "ES:D": "↓", "ES:R": "↑", "LTM": "↑",
+          "GTM": "↑", "GTT": "↑"}
+CURVE_KEY = re.compile(r"^curve\.(?P<metric>.+)\.eps=(?P<eps>[0-9.eE+-]+)$")
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if key in ("TMA", "ES:D"):
+        return f"{value:.3f}"
+    return f"{value:.1f}"
+
+
+def flags(metrics: Mapping[str, Any]) -> list[str]:
+    """Human-readable warnings: collapse next to ERS, suspected gradient masking."""
+    out = []
+    r1 = metrics.get("recall@1")
+    if r1 is not None and r1 < COLLAPSE_R1:
+        ers = metrics.get("ers")
+        tail = f" its ERS ({ers:.1f}) is meaningless" if ers is not None else ""
+        out.append(f"COLLAPSE: benign R@1 is {100 * r1:.1f}% (< {100 * COLLAPSE_R1:.0f}%);{tail}")
+    elif metrics.get("collapse", 0.0) >= 1.0:
+        out.append("COLLAPSE: benign R@1 below 5% on the attacked set; the ERS is meaningless")
+    if metrics.get("masking.flag", 0.0) >= 1.0:
+        out.append("GRADIENT MASKING suspected: " + str(metrics.get("masking.reason", "stronger PGD did not hurt more")))
+    return out
+
+
+def tables(metrics: Mapping[str, Any], name: str = "model") -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The report's tables as (header, rows): ``main`` (paper layout), ``other``, ``clustering``."""
+    out: dict[str, tuple[list[str], list[list[str]]]] = {}
+    header = ["Model"] + [label for _, label in BENIGN] + [f"{k}{ARROWS[k]}" for k in ERS_KEYS] + ["ERS↑"]
+    row = [name] + [_fmt(k, 100 * metrics[k] if k in metrics else None) for k, _ in BENIGN]
+    row += [_fmt(k, metrics.get(f"attacks.{k}")) for k in ERS_KEYS]
+    ers = metrics.get("ers")
+    ers_txt = _fmt("ers", ers)
+    r1 = metrics.get("recall@1")
+    if ers is not None and ((r1 is not None and r1 < COLLAPSE_R1) or metrics.get("collapse", 0.0) >= 1.0):
+        ers_txt += " (collapse)"
+    out["main"] = (header, [row + [ers_txt]])
+    others = sorted(k[len("attacks."):] for k in metrics if k.startswith("attacks.") and k[len("attacks."):] not in ERS_KEYS)
+    if others:
+        out["other"] = (["Attack", "Value"], [[k, _fmt(k, metrics[f"attacks.{k}"])] for k in others])
+    clus: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("clustering."):
+            attack, _, metric = key[len("clustering."):].rpartition(".")
+            clus.setdefault(attack, {})[metric] = value
+    if clus:
+        cols = ["nmi", "ari", "cluster_acc", "cluster_f1", "recall@1"]
+        order = ["clean"] + sorted(a for a in clus if a != "clean")
+        rows = [[a] + [_fmt(c, 100 * clus[a][c]) if c in clus[a] else "—" for c in cols] for a in order if a in clus]
+        out["clustering"] = (["Attack", "NMI", "ARI", "ACC", "F1", "R@1"], rows)
+    return out
+
+
+def to_markdown(metrics: Mapping[str, Any], name: str = "model") -> str:
+    parts = [f"# Robustness report: {name}", ""]
+    for f in flags(metrics):
+        parts += [f"> **{f}**", ""]
+    titles = {"main": "Benign metrics (%) and the ERS attacks", "other": "Other attacks",
+              "clustering": "Clustering attacks (%; clean vs attacked)"}
+    for key, (header, rows) in tables(metrics, name).items():
+        parts += [f"## {titles[key]}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        parts += ["| " + " | ".join(r) + " |" for r in rows]
+        parts.append("")
+    parts.append("CA/QA: rank percentiles (%); TMA: cosine; ES:D: embedding distance; ES:R/LTM/GTM: R@1 (%); "
+                 "GTT: retain@4 (%). Arrows: direction that means robust.")
+    return "\n".join(parts) + "\n"
+
+
+def to_html(metrics: Mapping[str, Any], name: str = "model", images: list[str] = ()) -> str:
+    esc = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>Robustness report: {esc(name)}</title>",
+             "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
+             "padding:3px 6px;text-align:right}.flag{color:#b00;font-weight:bold}</style></head><body>",
+             f"<h1>Robustness report: {esc(name)}</h1>"]
+    parts += [f"<p class='flag'>{esc(f)}</p>" for f in flags(metrics)]
+    for _, (header, rows) in tables(metrics, name).items():
+        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table><br>")
+    parts += [f"<p><img src='{esc(i)}' style='max-width:100%'></p>" for i in images]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def curve_points(metrics: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """``curve.<metric>.eps=<eps>`` keys grouped per metric, sorted by eps."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for key, value in metrics.items():
+        m = CURVE_KEY.match(key)
+        if m:
+            out.setdefault(m["metric"], []).append((float(m["eps"]), float(value)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_curve(metrics: Mapping[str, Any], path: Path) -> Path | None:
+    """Robust metric vs eps (one line per curve metric); None if the dict has no curve."""
+    points = curve_points(metrics)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for metric, pts in points.items():
+        ax.plot([255 * e for e, _ in pts], [v for _, v in pts], marker="o", label=metric)
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("robust metric (%)")
+    ax.set_title("Robustness vs attack budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_examples(examples: Mapping[str, Any], path: Path, rows: int = 6) -> Path | None:
+    """Clean vs adversarial queries with their top-k retrievals (green: same label, red: different)."""
+    if not examples or "clean" not in examples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(rows, len(examples["clean"]))
+    k = examples["clean_topk"].shape[1]
+    fig, axes = plt.subplots(2 * n, k + 1, figsize=(1.4 * (k + 1), 1.5 * 2 * n), squeeze=False)
+
+    def show(ax, img, title="", color="black"):
+        img = img.detach().cpu().float()
+        ax.imshow(img.squeeze(0) if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=7, color=color)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2)
+
+    for i in range(n):
+        label = int(examples["labels"][i])
+        for j, kind in enumerate(("clean", "adv")):
+            ax_row = axes[2 * i + j]
+            show(ax_row[0], examples[kind][i], f"{kind} q (y={label})")
+            for r in range(k):
+                y = int(examples[f"{kind}_topk_labels"][i, r])
+                show(ax_row[r + 1], examples[f"{kind}_topk_images"][i, r], f"#{r + 1} y={y}",
+                     "green" if y == label else "red")
+    fig.suptitle(f"attack {examples.get('attack', '')}: clean (top) vs adversarial (bottom) top-{k}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(metrics: Mapping[str, Any], out_dir: str | Path, *, name: str = "model",
+                 per_query: str | Path | None = None, examples: Mapping[str, Any] | str | Path | None = None
+                 ) -> dict[str, Path]:
+    """Write the report files into ``out_dir``; returns {kind: path} of what was written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if isinstance(examples, (str, Path)):
+        import torch
+
+        examples = torch.load(examples, map_location="cpu", weights_only=False) if Path(examples).exists() else None
+    if (p := plot_curve(metrics, out / "robust_curve.png")) is not None:
+        written["curve"] = p
+    if examples and (p := plot_examples(examples, out / "examples.png")) is not None:
+        written["examples"] = p
+    if per_query is not None and Path(per_query).exists():
+        target = out / "per_query.parquet"
+        if Path(per_query).resolve() != target.resolve():
+            shutil.copyfile(per_query, target)
+        written["per_query"] = target
+    md = out / "report.md"
+    md.write_text(to_markdown(metrics, name))
+    written["markdown"] = md
+    page = out / "report.html"
+    page.write_text(to_html(metrics, name, [p.name for k, p in written.items() if k in ("curve", "examples")]))
+    written["html"] = page
+    summary = out / "metrics.json"
+    summary.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True, default=float))
+    written["json"] = summary
+    return written
