@@ -1,8 +1,8 @@
 """EAT on a real Ray: logical GPUs, two nodes, a member killed mid-run, and --resume.
 
 Every test compares with :class:`rdml.ensemble.LocalEnsemble` (the same members stepped in turn in
-this process): ``none`` and ``cross_member`` are bit-identical on Ray; ``ensemble_gradient`` exchanges
-float16 gradients, so it agrees to within that rounding.
+this process, rounding exchanged gradients to float16 exactly as the Ray exchange does): the Ray
+ensemble reproduces it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_member_actors_own_a_logical_gpu_and_match_in_process(ray_local, tmp_pat
     finally:
         backend.shutdown()
     local = _local_losses(cfg, splits, 2)
-    assert sum(ray_losses, []) == pytest.approx(sum(local, []), rel=2e-2, abs=2e-3)
+    assert sum(ray_losses, []) == pytest.approx(sum(local, []), rel=1e-5)  # same float16 exchange
 
 
 _TWO_NODES = textwrap.dedent("""
@@ -141,12 +141,12 @@ def test_killed_member_and_stopped_driver_lose_only_steps_since_checkpoint(ray_l
         second.shutdown()
     assert killed == [4] and result.recoveries == 1 and result.steps == 6
     assert info[1]["restarted"] and not info[0]["restarted"]
-    assert [h["step"] for h in result.history] == [3, 4, 5, 6]  # 3,4 replayed from the step-4 checkpoint
+    assert [h["step"] for h in result.history] == [3, 4, 5, 6]  # the kill hit the step-4 checkpoint: 3, 4 replayed from step 2
     assert load_manifest(run_dir).step == 6
 
     reference = LocalEnsemble(cfg, splits.train)
     torch.set_num_threads(1)
     straight = train_ensemble(cfg, reference, splits, tmp_path / "straight")
     assert [h["train/loss"] for h in result.history] == pytest.approx(
-        [h["train/loss"] for h in straight.history[2:]], rel=2e-2, abs=2e-3)
-    assert result.metrics["ensemble/recall@1"] == pytest.approx(straight.metrics["ensemble/recall@1"], abs=0.03)
+        [h["train/loss"] for h in straight.history[2:]], rel=1e-4)
+    assert result.metrics["ensemble/recall@1"] == pytest.approx(straight.metrics["ensemble/recall@1"], abs=1e-3)

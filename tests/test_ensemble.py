@@ -211,12 +211,12 @@ def test_single_member_equals_single_model_adversarial_training(splits):
         batches = iter(make_train_loader(full, cfg.data, seed=cfg.train.seed, epoch=0))
     budget = Budget.from_config(cfg.defense.pgd)
     ref_losses = []
-    for step in range(4):
+    for _ in range(4):
         with torch.random.fork_rng(devices=[]):
             x, y, _ = next(batches)
         with frozen_eval(model, loss_fn):
             gen = torch.Generator().manual_seed(0)
-            x_adv = pgd(lambda z: -loss_fn(model(z), y).expand(len(y)) / len(y), x, budget, generator=gen).x_adv
+            x_adv = pgd(lambda z, y=y: -loss_fn(model(z), y).expand(len(y)) / len(y), x, budget, generator=gen).x_adv
         model.train()
         loss = loss_fn(model(x_adv), y)
         opt.zero_grad()

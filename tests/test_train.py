@@ -48,15 +48,15 @@ def with_(cfg, **sections):
 
 
 def test_fit_learns_writes_checkpoints_and_reports_metrics(tiny_config, tmp_path):
-    cfg = with_(tiny_config, **{"train.epochs": 3, "train.max_steps_per_epoch": 12, "train.lr_schedule": "cosine",
-                             "train.keep_checkpoints": 2})
+    cfg = with_(tiny_config, **{"train.epochs": 3, "train.max_steps_per_epoch": 6, "train.lr_schedule": "cosine",
+                             "train.keep_checkpoints": 2, "data.limit_test": 300})
     rec = Recorder()
     result = fit(cfg, callbacks=[rec], run_dir=tmp_path / "run")
 
     # the loss goes down: first steps vs last steps (per-step stats reach the callback)
     losses = [s["loss"] for _, s in rec.steps]
-    assert len(losses) == 36 and [st for st, _ in rec.steps] == list(range(1, 37))
-    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 * 0.8, losses
+    assert len(losses) == 18 and [st for st, _ in rec.steps] == list(range(1, 19))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 * 0.7, losses
 
     # epoch metrics: averaged defense stats, cost, time, lr schedule, evaluation each epoch
     assert [e for e, _ in rec.epochs] == [1, 2, 3]
@@ -65,7 +65,8 @@ def test_fit_learns_writes_checkpoints_and_reports_metrics(tiny_config, tmp_path
         assert m["train/passes_per_iter"] == 1.0 and m["train/epoch_time_s"] > 0
     lrs = [m["train/lr"] for _, m in rec.epochs]
     assert lrs[0] > lrs[1] > lrs[2] >= 0  # cosine
-    # 5 unseen digit classes: chance R@1 is ~0.2; a few dozen steps reach far above it
+    # 5 unseen digit classes: chance R@1 is ~0.2. (An untrained c2f2 already scores ~0.98 on upsampled
+    # 8x8 digits, so this guards the eval pipeline; learning is shown by the loss above.)
     assert result.metrics["eval/recall@1"] > 0.6, result.metrics
     assert result.metrics == rec.epochs[-1][1] and result.history == [m for _, m in rec.epochs]
 
@@ -75,14 +76,14 @@ def test_fit_learns_writes_checkpoints_and_reports_metrics(tiny_config, tmp_path
     assert rec.result is result and rec.started == cfg
 
     ckpt = load_checkpoint(tmp_path / "run")  # a run directory resolves to its last.pt
-    assert ckpt.epoch == 3 and ckpt.global_step == 36 and ckpt.config == cfg
+    assert ckpt.epoch == 3 and ckpt.global_step == 18 and ckpt.config == cfg
     assert ckpt.metrics == result.metrics and len(ckpt.history) == 3
     assert ckpt.optimizer_state is not None and ckpt.scheduler_state is not None and ckpt.rng_state is not None
 
 
 def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
     cfg2 = with_(tiny_config, **{"train.epochs": 2, "train.max_steps_per_epoch": 4, "train.lr_schedule": "step",
-                                 "train.lr_step_epochs": 1})
+                                 "train.lr_step_epochs": 1, "train.eval_every": 0, "data.limit_test": 300})
     straight = fit(cfg2, run_dir=tmp_path / "straight")
 
     first = fit(with_(cfg2, **{"train.epochs": 1}), run_dir=tmp_path / "split")
@@ -102,6 +103,7 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     run = tmp_path / "run"
+    tiny_config = with_(tiny_config, **{"data.limit_test": 300})
     good = fit(tiny_config, run_dir=run)
     last = run / "checkpoints" / "last.pt"
     before = last.read_bytes()

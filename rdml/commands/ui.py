@@ -32,7 +32,6 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
     root = artifact_root(uri)
     if root is None:
         raise TrackingError(f"rdml ui serves local sqlite stores; {uri} is not one (open it directly if it is a server)")
-    Path(root).mkdir(parents=True, exist_ok=True)
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow_bin is None:
         raise RdmlError("the `mlflow` command is not installed in this environment; pip install mlflow==3.17.2")
@@ -53,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
+    Path(cmd[cmd.index("--artifacts-destination") + 1]).mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI for {uri} at {url} (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(cmd)
     try:

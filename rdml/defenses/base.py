@@ -39,22 +39,14 @@ from rdml.losses import mine_triplets
 class StepState:
     """Where training is: global step, epoch and progress in [0,1] (for schedules).
 
-    ``generator`` (optional) seeds the in-batch samplers and the attack-rate draw so a step is
-    reproducible; None uses torch's global RNG.
+    ``generator`` (optional, a CPU generator: mining and PGD random starts draw on CPU) seeds the
+    in-batch samplers and the attack-rate draw so a step is reproducible; None uses torch's global RNG.
     """
 
     step: int = 0
     epoch: int = 0
     progress: float = 0.0
     generator: torch.Generator | None = None
-
-    def __post_init__(self) -> None:
-        # The samplers and PGD draw on CPU; a CUDA generator is replaced by a CPU one seeded from it,
-        # which keeps the step deterministic for a given generator state.
-        g = self.generator
-        if g is not None and g.device.type != "cpu":
-            seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
-            self.generator = torch.Generator().manual_seed(seed)
 
 
 @dataclass

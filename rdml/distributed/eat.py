@@ -418,19 +418,15 @@ class RayEnsemble:
                     time.sleep(0.2)
 
     def states(self) -> list[dict[str, Any]]:
-        import ray
-
-        return ray.get([a.state.remote() for a in self.actors])
+        return self._collect([a.state.remote() for a in self.actors])
 
     def load_states(self, states: list[dict[str, Any]]) -> None:
         import ray
 
-        ray.get([a.load_state.remote(ray.put(s)) for a, s in zip(self.actors, states)])
+        self._collect([a.load_state.remote(ray.put(s)) for a, s in zip(self.actors, states, strict=True)])
 
     def model_states(self) -> list[dict[str, torch.Tensor]]:
-        import ray
-
-        return ray.get([a.model_state.remote() for a in self.actors])
+        return self._collect([a.model_state.remote() for a in self.actors])
 
     def member_robustness(self, profiles: list[str]):
         """Start every member's robustness evaluation in its actor; returns ``wait() -> [rows]``."""

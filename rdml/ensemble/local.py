@@ -2,7 +2,7 @@
 
 It runs exactly the step protocol of the Ray coordinator (:mod:`rdml.distributed.eat`), minus the
 object store: records are passed as Python objects and the ensemble-gradient objective calls every
-member's model directly (:func:`rdml.ensemble.objectives.ensemble_objective`).
+member's model directly (:func:`rdml.ensemble.objectives.exchanged_ensemble_objective`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rdml.attacks.pgd import frozen_eval, pgd
 from rdml.config import ExperimentConfig
 from rdml.ensemble.combine import EnsembleModel
 from rdml.ensemble.member import Member, step_generator
-from rdml.ensemble.objectives import ensemble_objective
+from rdml.ensemble.objectives import exchanged_ensemble_objective
 from rdml.ensemble.parts import member_subsets
 from rdml.ensemble.stats import RobustnessStats
 
@@ -32,7 +32,8 @@ def ensemble_gradient_step(members: list[Member], cfg: ExperimentConfig, step: i
     """Reading A: every member's batch crafted against the members' mean loss, in one PGD run.
 
     The batches are concatenated (one chunk per member); the loss is computed per chunk, so the run
-    is M independent crafts that share the engine's loop. Member k adopts chunk k.
+    is M independent crafts that share the engine's loop. Member k adopts chunk k. Gradients are
+    rounded as the Ray exchange rounds them, so both backends take identical steps.
     """
     batches = [m.batch for m in members]
     x_cat = torch.cat([b[0] for b in batches])
@@ -40,10 +41,10 @@ def ensemble_gradient_step(members: list[Member], cfg: ExperimentConfig, step: i
     sizes = [len(b[1]) for b in batches]
     models = [mod for m in members for mod in (m.model, m.loss)]
     with frozen_eval(*models):
-        result = pgd(ensemble_objective(members, labels, sizes), x_cat, members[0].budget,
+        result = pgd(exchanged_ensemble_objective(members, labels, sizes), x_cat, members[0].budget,
                      generator=step_generator(cfg, step))
     out, start = [], 0
-    for m, n in zip(members, sizes):
+    for m, n in zip(members, sizes, strict=True):
         out.append(m.set_adversarial(result.x_adv[start : start + n], result.iterations[start : start + n], step))
         start += n
     return out
@@ -85,7 +86,7 @@ class LocalEnsemble:
         return [m.state_dict() for m in self.members]
 
     def load_states(self, states: list[dict[str, Any]]) -> None:
-        for m, s in zip(self.members, states):
+        for m, s in zip(self.members, states, strict=True):
             m.load_state_dict(s)
 
     def model_states(self) -> list[dict[str, torch.Tensor]]:

@@ -32,7 +32,7 @@ def chunk_losses(model, loss_fn, x: Tensor, labels: Sequence[Tensor], sizes: Seq
     emb = model(x)
     out = []
     start = 0
-    for y, n in zip(labels, sizes):
+    for y, n in zip(labels, sizes, strict=True):
         value = loss_fn(emb[start : start + n], y)
         out.append((value / n).expand(n))
         start += n
@@ -51,6 +51,45 @@ def ensemble_objective(
                 value = chunk_losses(m.model, m.loss, x, labels, sizes)
             total = value if total is None else total + value
         return -total / len(members)
+
+    return objective
+
+
+def exchange_round(t: Tensor | None, members: int) -> Tensor | None:
+    """What a value looks like after the Ray exchange: float16 when members > 1 (exact for M = 1)."""
+    if t is None or members == 1:
+        return t
+    return t.detach().to(torch.float16).to(t.dtype)
+
+
+def exchanged_ensemble_objective(
+    members: Sequence, labels: Sequence[Tensor], sizes: Sequence[int]
+) -> Callable[[Tensor], Tensor]:
+    """Reading A in one process, computed exactly as the Ray members compute it.
+
+    Every member's loss and input gradient go through :func:`exchange_round` (the float16 records of
+    :mod:`rdml.distributed.eat`) before averaging, so the in-process ensemble and the Ray ensemble take
+    bit-identical PGD steps. Without the rounding (M = 1) it is :func:`ensemble_objective`.
+    """
+    m_count = len(members)
+
+    def objective(x: Tensor) -> Tensor:
+        losses, grads = [], []
+        for m in members:
+            with m.rng():
+                if x.requires_grad:
+                    with torch.enable_grad():
+                        own = -chunk_losses(m.model, m.loss, x, labels, sizes)
+                        (g,) = torch.autograd.grad(own.sum(), x)
+                    grads.append(exchange_round(g, m_count))
+                else:
+                    with torch.no_grad():
+                        own = -chunk_losses(m.model, m.loss, x, labels, sizes)
+            losses.append(exchange_round(own.detach(), m_count))
+        mean_loss = torch.stack(losses).mean(0)
+        if not x.requires_grad:
+            return mean_loss
+        return _MeanGradient.apply(x, mean_loss, torch.stack(grads).mean(0))
 
     return objective
 

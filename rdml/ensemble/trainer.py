@@ -113,11 +113,23 @@ def train_ensemble(
 
     recoveries, done_here = 0, 0
     max_recoveries = max(1, cfg.ensemble.max_restarts) * cfg.ensemble.members
-    metrics: dict[str, float] = {}
     while step < total:
         try:
             member_metrics = backend.step(step)
+            step += 1
+            done_here += 1
+            row = {"step": step, "epoch": step / spe, **_mean_member_metrics(member_metrics)}
+            history.append(row)
+            log(row, step)
+            if stop_after is not None and done_here >= stop_after:
+                return EnsembleResult({}, history, run_dir, step, recoveries, seconds=time.perf_counter() - t_start)
+            is_last = step == total
+            if eval_every and step % eval_every == 0 and not is_last:
+                log(evaluate_ensemble(ensemble_model(), test_set, cfg, device), step)
+            if step % ckpt_every == 0 and not is_last:
+                save_ensemble_checkpoint(run_dir, step, backend.states(), cfg, mlflow_run_id=run_id)
         except MemberFailure:
+            # a member died (in a step, a checkpoint or an evaluation): restore all, replay
             recoveries += 1
             if recoveries > max_recoveries:
                 raise
@@ -126,19 +138,6 @@ def train_ensemble(
             history = [h for h in history if h["step"] <= manifest.step]
             step = manifest.step
             log({"recoveries": recoveries, "replayed_from": manifest.step}, step)
-            continue
-        step += 1
-        done_here += 1
-        row = {"step": step, "epoch": step / spe, **_mean_member_metrics(member_metrics)}
-        history.append(row)
-        log(row, step)
-        if stop_after is not None and done_here >= stop_after:
-            return EnsembleResult({}, history, run_dir, step, recoveries, seconds=time.perf_counter() - t_start)
-        is_last = step == total
-        if eval_every and step % eval_every == 0 and not is_last:
-            log(evaluate_ensemble(ensemble_model(), test_set, cfg, device), step)
-        if step % ckpt_every == 0 and not is_last:
-            save_ensemble_checkpoint(run_dir, step, backend.states(), cfg, mlflow_run_id=run_id)
 
     model = ensemble_model()
     metrics = evaluate_ensemble(model, test_set, cfg, device)

@@ -12,13 +12,16 @@ from rdml.eval.embed import embed
 from rdml.eval.retrieval import retrieval_metrics
 
 
-def benign_metrics(emb, labels, seed: int = 0, gallery_emb=None, gallery_labels=None) -> dict[str, float]:
+def benign_metrics(
+    emb, labels, seed: int = 0, gallery_emb=None, gallery_labels=None, full_map: bool = True
+) -> dict[str, float]:
     """Retrieval (R@1/2/4/8, mAP, mAP@R) and clustering (NMI, ARI, accuracy, F1) metrics, fractions.
 
     With a gallery (In-Shop) retrieval is query-vs-gallery and k-means clusters the union of query
-    and gallery embeddings with k = the number of classes in that union.
+    and gallery embeddings with k = the number of classes in that union. ``full_map=False`` skips the
+    exact mAP of the full ranking (``map`` is NaN; faster at SOP scale, see bench/eval_speed.py).
     """
-    out = retrieval_metrics(emb, labels, gallery_emb, gallery_labels)
+    out = retrieval_metrics(emb, labels, gallery_emb, gallery_labels, full_map=full_map)
     if gallery_emb is not None:
         emb = np.concatenate([np.asarray(emb), np.asarray(gallery_emb)])
         labels = np.concatenate([np.asarray(labels), np.asarray(gallery_labels)])
@@ -27,11 +30,17 @@ def benign_metrics(emb, labels, seed: int = 0, gallery_emb=None, gallery_labels=
 
 
 def evaluate_model(
-    model: nn.Module, dataset: Dataset, batch_size: int = 256, device="cpu", seed: int = 0, gallery: Dataset | None = None
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device="cpu",
+    seed: int = 0,
+    gallery: Dataset | None = None,
+    full_map: bool = True,
 ) -> dict[str, float]:
     """Embed ``dataset`` (and ``gallery`` if given: then ``dataset`` is the query set) and score it."""
     emb, labels = embed(model, dataset, batch_size=batch_size, device=device)
     if gallery is None:
-        return benign_metrics(emb, labels, seed=seed)
+        return benign_metrics(emb, labels, seed=seed, full_map=full_map)
     g_emb, g_labels = embed(model, gallery, batch_size=batch_size, device=device)
-    return benign_metrics(emb, labels, seed=seed, gallery_emb=g_emb, gallery_labels=g_labels)
+    return benign_metrics(emb, labels, seed=seed, gallery_emb=g_emb, gallery_labels=g_labels, full_map=full_map)

@@ -241,7 +241,8 @@ def fit(
     for epoch in range(start_epoch, tc.epochs + 1):
         idx = epoch - 1  # 0-based epoch index for loaders and StepState
         seed_everything(derive_seed(tc.seed, idx, rank))
-        generator = torch.Generator(device=device).manual_seed(derive_seed(tc.seed, idx, rank, 1))
+        # a CPU generator: mining and PGD random starts draw on CPU
+        generator = torch.Generator().manual_seed(derive_seed(tc.seed, idx, rank, 1))
         loader = make_train_loader(train_set, cfg.data, seed=tc.seed, epoch=idx, rank=rank, world_size=world_size)
         n_steps = len(loader) if tc.max_steps_per_epoch is None else min(len(loader), tc.max_steps_per_epoch)
         n_steps = int(_all_reduce(torch.tensor(n_steps, device=device), "MIN").item())
