@@ -151,7 +151,9 @@ class EnsembleConfig(_Section):
     members: int = Field(default=3, gt=0)
     parts: int = Field(default=3, gt=0, description="N class-stratified data parts")
     split: Literal["leave_one_out", "disjoint", "bootstrap"] = "leave_one_out"
-    self_transfer: Literal["ensemble_gradient", "cross_member", "none"] = "ensemble_gradient"
+    self_transfer: Literal["ensemble_gradient", "cross_member", "none"] = Field(
+        default="none", description="best ERS on digits at equal cost (docs/eat.md); EAT's readings A/B are switches"
+    )
     combine: Literal["concat", "mean"] = "concat"
     clean_weight: float = Field(default=0.0, ge=0, le=1, description="lambda: weight of the clean loss")
     steps_per_epoch: int | None = Field(default=None, gt=0)

@@ -47,6 +47,7 @@ def _local_losses(cfg, splits, steps: int) -> list[list[float]]:
     return [[m["loss"] for m in local.step(s)] for s in range(steps)]
 
 
+@pytest.mark.slow
 def test_member_actors_own_a_logical_gpu_and_match_in_process(ray_local, tmp_path, splits):
     from rdml.distributed.eat import RayEnsemble
 
@@ -95,6 +96,7 @@ _TWO_NODES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_node_cluster_members_exchange_statistics_across_nodes(tmp_path):
     """A real two-node cluster (in a subprocess: it cannot share this process with the session Ray)."""
     script = tmp_path / "two_nodes.py"

@@ -281,6 +281,7 @@ def test_gradient_masking_guard(splits):
 
 
 # ---------------------------------------------------------------------------------------- checkpoints, resume
+@pytest.mark.slow
 def test_resume_in_process_equals_uninterrupted(tmp_path, splits):
     cfg = eat_config(tmp_path, members=2, parts=2, self_transfer="cross_member", steps_per_epoch=2)
     cfg = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 2, "checkpoint_every": 1}})

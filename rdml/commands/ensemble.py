@@ -87,10 +87,22 @@ def run(args: argparse.Namespace) -> int:
         names = [f"member_{k}" for k in range(cfg.ensemble.members)] + ["ensemble"]
         robust: dict[str, dict[str, float]] = {}
         if not args.no_attacks:
+            import time
+
+            import torch
+
+            t0 = time.perf_counter()
             profiles = default_profiles(cfg, splits.test.image_size)
             wait = backend.member_robustness(profiles)  # members attack themselves in their actors...
-            robust = robustness_of({"ensemble": result.model}, splits.test, cfg, profiles)  # ...meanwhile
+            threads = torch.get_num_threads()
+            if backend.name == "ray":  # ...while the driver attacks the ensemble: no OpenMP oversubscription
+                torch.set_num_threads(cfg.train.threads or 1)
+            try:
+                robust = robustness_of({"ensemble": result.model}, splits.test, cfg, profiles)
+            finally:
+                torch.set_num_threads(threads)
             robust.update({f"member_{k}": row for k, row in enumerate(wait())})
+            print(f"robustness ({', '.join(profiles)}) of {len(robust)} models: {time.perf_counter() - t0:.0f} s")
             log({f"{n}/robust/{k}": v for n, row in robust.items() for k, v in row.items()}, result.steps)
         report = {"steps": result.steps, "recoveries": result.recoveries, "seconds": result.seconds,
                   "benign": result.metrics, "robustness": robust}
