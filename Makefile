@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   -- trains on the embedded default (digits) and prints the metrics table
+#   make demo   -- trains an EAT ensemble (3 Ray actors) on the embedded digits data, prints the metrics table
 #   make test   -- runs the whole test suite (slow end-to-end tests included)
 # Both create or refresh the local virtual environment .venv when pyproject.toml changed.
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rdml train --config digits
+	$(VENV)/bin/rdml ensemble --config digits-eat
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -32,20 +32,22 @@ def _attack_value(metrics: dict[str, float], name: str) -> float:
 def run(recipe: str, args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
     import torch
 
+    from rdml import tracking
     from rdml.config import load_config
     from rdml.data import build_datasets
     from rdml.eval.robustness import evaluate_robustness
     from rdml.train import fit, load_model
 
-    overrides = [f"train.output_dir={out_dir / recipe}", f"train.seed={args.seed}", "tracking.enabled=false",
-                 "train.eval_every=0"]
+    overrides = [f"train.output_dir={out_dir / recipe}", f"train.seed={args.seed}", "train.eval_every=0",
+                 f"tracking.uri={args.tracking_uri}", "tracking.experiment=defenses-digits", "tracking.log_model=false"]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.steps is not None:
         overrides.append(f"train.max_steps_per_epoch={args.steps}")
     cfg = load_config(recipe, overrides)
+    run_id = tracking.start_run(cfg, run_name=recipe)
     t0 = time.perf_counter()
-    result = fit(cfg, device=torch.device("cpu"))
+    result = fit(cfg, callbacks=[tracking.RunLogger(run_id, cfg.tracking)], device=torch.device("cpu"))
     train_s = time.perf_counter() - t0
     final = result.history[-1]
     model, _ = load_model(result.checkpoint)
@@ -64,7 +66,10 @@ def run(recipe: str, args: argparse.Namespace, out_dir: Path) -> dict[str, float
         "pgd_iters": final.get("train/pgd_iters", float("nan")),
         "train_s": train_s,
         "attack_s": time.perf_counter() - t1,
+        "mlflow_run": run_id,
     }
+    tracking.log_metrics(run_id, {k: v for k, v in rob.items() if isinstance(v, (int, float))})
+    tracking.end_run(run_id)
     return row
 
 
@@ -77,6 +82,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="1 epoch x 6 steps, 100 attacked queries")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store the runs are logged to")
     args = ap.parse_args()
     if args.quick:
         args.epochs, args.steps = args.epochs or 1, args.steps or 6
@@ -87,7 +93,8 @@ def main() -> None:
         for recipe in args.defenses:
             rows.append(run(recipe, args, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    cols = ["defense", "R@1", "mAP", "NMI", *ATTACK_COLUMNS, "ERS", "passes/iter", "pgd_iters", "train_s"]
+    cols = ["defense", "R@1", "mAP", "NMI", *ATTACK_COLUMNS, "ERS", "passes/iter", "pgd_iters", "train_s",
+            "mlflow_run"]
     print()
     print(" | ".join(f"{c:>11}" for c in cols))
     for r in rows:

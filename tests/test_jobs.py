@@ -118,15 +118,15 @@ def test_ensemble_job_via_cli_and_sdk(ray_head, tmp_path):
     assert "Started a local Ray instance" not in logs
 
 
-def test_job_entrypoints_join_the_jobs_cluster(monkeypatch):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        from _entry import job_argv
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+def test_jobs_join_the_cluster_named_by_ray_address(monkeypatch):
+    """Inside `ray job submit` RAY_ADDRESS names the cluster; an explicit address still wins."""
+    from rdml.config import build_config
+    from rdml.distributed.connect import resolve_address
+
+    cfg = build_config()
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert job_argv("ensemble", ["--config", "x"]) == ["ensemble", "--config", "x", "--address", "auto"]
-    assert job_argv("train", ["--address", "ray://h:10001"]) == ["train", "--address", "ray://h:10001"]
-    assert job_argv("evaluate", ["ckpt.pt"]) == ["evaluate", "ckpt.pt"]
+    assert resolve_address(cfg) == "127.0.0.1:6379"
+    assert resolve_address(cfg, "ray://h:10001") == "ray://h:10001"
+    assert resolve_address(build_config({"ray": {"address": "auto"}})) == "auto"
     monkeypatch.delenv("RAY_ADDRESS")
-    assert job_argv("tune", ["--space", "s.yaml"]) == ["tune", "--space", "s.yaml"]
+    assert resolve_address(cfg) is None

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from rdml.config import ExperimentConfig, build_config
+from rdml.distributed.connect import connect
 from rdml.ensemble.member import Member, step_generator
 from rdml.ensemble.objectives import ExchangedObjective
 from rdml.ensemble.parts import member_subsets
@@ -283,25 +284,13 @@ def _remote_classes() -> tuple[Any, Any]:
 
 
 def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
-    """Connect to ``address`` / ``cfg.ray.address``, or start a local Ray; True if started here.
+    """Connect to the cluster (see :mod:`rdml.distributed.connect`) or start a local Ray; True if started here.
 
     A local Ray gets at least ``members * cpus_per_member`` logical CPUs (members share the cores
     when there are fewer; each actor runs ``cpus_per_member`` threads).
     """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or cfg.ray.address
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:
-        need = math.ceil(cfg.ensemble.members * cfg.ensemble.cpus_per_member)
-        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need)
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
-    return True
+    need = math.ceil(cfg.ensemble.members * cfg.ensemble.cpus_per_member)
+    return connect(cfg, address, num_cpus=max(os.cpu_count() or 1, need))
 
 
 class RayEnsemble:

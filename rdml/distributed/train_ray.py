@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rdml.config import ExperimentConfig
+from rdml.distributed.connect import connect, resolve_address
 from rdml.errors import RdmlError
 from rdml.train import TrainResult, default_run_dir, resolve_checkpoint
 
@@ -143,23 +144,15 @@ def train_with_ray(
 
         logger = RunLogger(run_id, cfg.tracking)
 
-    address = address or cfg.ray.address
-    started = False
-    if not ray.is_initialized():
-        # the dashboard stays on (loopback only): Ray Train V2 polls the state API through it
-        init_kwargs: dict[str, Any] = {"log_to_driver": True}
-        if address is None:
-            init_kwargs.update(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
-        else:
-            init_kwargs.update(address=address)
-        ray.init(**init_kwargs)
-        started = True
+    local = resolve_address(cfg, address) is None
+    # the dashboard stays on (loopback only): Ray Train V2 polls the state API through it
+    started = connect(cfg, address, include_dashboard=True, log_to_driver=True)
     try:
         workers = cfg.train.workers
         use_gpu = cfg.train.device != "cpu" and _probe_cuda(ray)
         if cfg.train.device == "cuda" and not use_gpu:
             raise RdmlError("train.device=cuda but the Ray cluster has no usable GPU; set train.device=auto or cpu")
-        if started and address is None:
+        if started and local:
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
         else:
             cpus = 1

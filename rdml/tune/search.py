@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rdml.config import ExperimentConfig, build_config
+from rdml.distributed.connect import connect
 from rdml.distributed.train_ray import absolute_paths
 from rdml.errors import RdmlError
 from rdml.tune.pareto import front_table, pareto_front
@@ -81,19 +82,7 @@ def _driver_config(space: SearchSpace, base: ExperimentConfig) -> ExperimentConf
 
 
 def _ray_init(cfg: ExperimentConfig, address: str | None) -> None:
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or cfg.ray.address
-    if address is None:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
+    connect(cfg, address)
 
 
 def run_search(
