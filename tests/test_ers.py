@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rdml.attacks.ers import ers, ers_terms, is_collapsed
+from rdml.attacks.ers import embedding_spread, ers, ers_terms, is_collapsed
 from rdml.attacks.profiles import ERS_KEYS
 
 # (dataset, defense, training eta, (CA+, CA-, QA+, QA-, TMA, ES:D, ES:R, LTM, GTM, GTT), printed ERS)
@@ -89,3 +89,21 @@ def test_no_effect_scores_about_100_and_missing_keys_fail():
 
 def test_collapse_threshold():
     assert is_collapsed(0.008) and not is_collapsed(0.35)
+
+
+def test_a_shrunken_embedding_counts_as_collapsed_even_with_high_recall():
+    """Min-max training can shrink every embedding into a tiny cap (ranking intact, ERS inflated)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    healthy = rng.normal(size=(200, 16))
+    healthy /= np.linalg.norm(healthy, axis=1, keepdims=True)
+    pole = np.zeros(16)
+    pole[0] = 1.0
+    shrunk = pole + 1e-3 * healthy
+    shrunk /= np.linalg.norm(shrunk, axis=1, keepdims=True)
+    brute = np.sqrt(((healthy[:, None] - healthy[None]) ** 2).sum(-1).mean())
+    assert embedding_spread(healthy) == pytest.approx(brute, rel=1e-9)
+    assert embedding_spread(shrunk) < 0.01
+    assert is_collapsed(0.97, embedding_spread(shrunk))
+    assert not is_collapsed(0.97, embedding_spread(healthy))

@@ -21,6 +21,14 @@ from rdml.attacks.profiles import ERS_KEYS
 COLLAPSE_R1 = 0.05
 """Benign R@1 (fraction) below which a model counts as collapsed, whatever its ERS."""
 
+COLLAPSE_SPREAD = 0.05
+"""RMS pairwise distance of the test embeddings below which a model counts as collapsed.
+
+Min-max training can shrink the whole embedding into a tiny cap of the unit sphere: ranking still works
+(R@1 stays high) but every attack that needs the embedding to *move* reports success or failure for
+the wrong reason (ES:D ~ 0, TMA ~ 1) and ERS is inflated. Healthy models spread over ~1.
+"""
+
 
 def _get(metrics: Mapping[str, float], key: str) -> float:
     for name in (key, f"attacks.{key}"):
@@ -57,6 +65,19 @@ def ers(metrics: Mapping[str, float]) -> float:
     return sum(ers_terms(metrics).values()) / len(ERS_KEYS)
 
 
-def is_collapsed(recall_at_1: float) -> bool:
-    """True when benign R@1 (a fraction in [0,1]) is below 5%: such a model's ERS is meaningless."""
-    return recall_at_1 < COLLAPSE_R1
+def embedding_spread(emb) -> float:
+    """RMS pairwise Euclidean distance of a set of embeddings, in O(n): 2·mean‖e‖² − 2‖mean e‖²."""
+    import numpy as np
+
+    e = np.asarray(emb, dtype=np.float64)
+    mean_sq = float((e * e).sum(axis=1).mean())
+    centre = e.mean(axis=0)
+    return float(np.sqrt(max(0.0, 2.0 * mean_sq - 2.0 * float(centre @ centre))))
+
+
+def is_collapsed(recall_at_1: float, spread: float | None = None) -> bool:
+    """True when benign R@1 (a fraction) is below 5% or the embedding spread is below COLLAPSE_SPREAD.
+
+    Either way such a model's ERS is meaningless (spec hm-robrank.md §3, weakness ii).
+    """
+    return recall_at_1 < COLLAPSE_R1 or (spread is not None and spread < COLLAPSE_SPREAD)

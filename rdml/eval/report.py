@@ -50,7 +50,9 @@ def flags(metrics: Mapping[str, Any]) -> list[str]:
         tail = f" its ERS ({ers:.1f}) is meaningless" if ers is not None else ""
         out.append(f"COLLAPSE: benign R@1 is {100 * r1:.1f}% (< {100 * COLLAPSE_R1:.0f}%);{tail}")
     elif metrics.get("collapse", 0.0) >= 1.0:
-        out.append("COLLAPSE: benign R@1 below 5% on the attacked set; the ERS is meaningless")
+        spread = metrics.get("embedding_spread")
+        detail = f"embedding spread {spread:.3f}" if spread is not None else "benign R@1 below 5%"
+        out.append(f"COLLAPSE: {detail} on the attacked set (the embedding shrank to a point); the ERS is meaningless")
     if metrics.get("masking.flag", 0.0) >= 1.0:
         out.append("GRADIENT MASKING suspected: " + str(metrics.get("masking.reason", "stronger PGD did not hurt more")))
     return out

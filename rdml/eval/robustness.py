@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from rdml.attacks.clustering import ClusteringOutcome, run_clustering_attack
-from rdml.attacks.ers import ers, is_collapsed
+from rdml.attacks.ers import embedding_spread, ers, is_collapsed
 from rdml.attacks.pgd import frozen_eval
 from rdml.attacks.profiles import ERS_KEYS, AttackProfile, load_profile
 from rdml.attacks.ranking import Database
@@ -164,11 +164,13 @@ def evaluate_robustness(
 
             result["ers"] = ers(result)
             r1 = retrieval_metrics(db_emb.cpu().numpy(), labels_np)["recall@1"]
+            spread = embedding_spread(db_emb.cpu().numpy())
             result.benign_recall_at_1 = r1
-            result["collapse"] = float(is_collapsed(r1))
-            if is_collapsed(r1):
-                log.warning("benign R@1 is %.1f%% (< 5%%): the model has collapsed; its ERS %.1f is meaningless",
-                            100 * r1, result["ers"])
+            result["embedding_spread"] = spread
+            result["collapse"] = float(is_collapsed(r1, spread))
+            if result["collapse"]:
+                log.warning("benign R@1 %.1f%%, embedding spread %.3f: the model has collapsed; its ERS %.1f is "
+                            "meaningless", 100 * r1, spread, result["ers"])
 
     if clustering:
         _clustering(result, model, dataset, indices, clustering, labels_np, batch_size, device, seed, progress)
