@@ -44,8 +44,8 @@ class DataConfig(_Section):
     num_workers: int = Field(default=0, ge=0)
     train_classes: list[str] | None = Field(default=None, description="folder dataset: training classes")
     test_classes: list[str] | None = Field(default=None, description="folder dataset: test classes")
-    limit_train: int | None = Field(default=None, gt=0, description="use only the first N training images")
-    limit_test: int | None = Field(default=None, gt=0, description="use only the first N test images")
+    limit_train: int | None = Field(default=None, gt=0, description="use a fixed seeded subset of N training images")
+    limit_test: int | None = Field(default=None, gt=0, description="use a fixed seeded subset of N test images")
     manifest_dir: Path | None = Field(default=None, description="where Parquet manifests go; default <root>")
 
 
