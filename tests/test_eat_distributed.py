@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ensemble import eat_config as tiny_eat_config
 
 from rdml.config import build_config
 from rdml.data import build_datasets
@@ -23,17 +24,9 @@ from rdml.ensemble import LocalEnsemble, load_manifest, train_ensemble
 
 
 def eat_config(tmp_path: Path, **ensemble) -> object:
-    ens = {"members": 2, "parts": 2, "self_transfer": "ensemble_gradient", "steps_per_epoch": 2}
-    ens.update(ensemble)
-    return build_config({
-        "data": {"name": "digits", "batch_pairs": 8},
-        "model": {"arch": "c2f2", "embedding_dim": 16},
-        "defense": {"pgd": {"eps": 0.3, "alpha": 0.1, "steps": 2}},
-        "train": {"seed": 0, "epochs": 3, "eval_every": 0, "checkpoint_every": 1, "device": "cpu",
-                  "output_dir": str(tmp_path / "runs")},
-        "ensemble": ens,
-        "tracking": {"enabled": False},
-    })
+    """The unit tests' tiny EAT config, run for 3 epochs of 2 steps with a checkpoint every epoch."""
+    ensemble = {"steps_per_epoch": 2, **ensemble}
+    return tiny_eat_config(tmp_path, train={"epochs": 3, "checkpoint_every": 1, "device": "cpu"}, **ensemble)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ from rdml.models import build_model
 from rdml.train.optim import build_optimizer
 
 
-def eat_config(tmp_path=None, **ensemble):
+def eat_config(tmp_path=None, train: dict | None = None, **ensemble):
+    """A tiny digits EAT config (2 members x 2 parts, 3 steps); ``train``/``ensemble`` keys override."""
     ens = {"members": 2, "parts": 2, "self_transfer": "ensemble_gradient", "steps_per_epoch": 3}
     ens.update(ensemble)
     return build_config({
@@ -38,7 +39,7 @@ def eat_config(tmp_path=None, **ensemble):
         "model": {"arch": "c2f2", "embedding_dim": 16},
         "defense": {"pgd": {"eps": 0.3, "alpha": 0.1, "steps": 2}},
         "train": {"seed": 0, "epochs": 1, "eval_every": 0,
-                  "output_dir": str(tmp_path / "runs") if tmp_path else "runs"},
+                  "output_dir": str(tmp_path / "runs") if tmp_path else "runs", **(train or {})},
         "ensemble": ens,
         "tracking": {"enabled": False},
     })

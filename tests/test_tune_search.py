@@ -30,7 +30,12 @@ def test_hm_schedule_search_gives_a_front_and_ended_child_runs(ray_local, tmp_pa
 
     assert len(result.trials) == 4 and result.errors == 0
     assert all("recall@1" in t and "ers" in t for t in result.trials)
-    assert 1 <= len(result.front) <= 4
+    # the front is exactly the trials no other trial beats on both R@1 and ERS
+    def dominated(t):
+        return any(o["recall@1"] >= t["recall@1"] and o["ers"] >= t["ers"]
+                   and (o["recall@1"], o["ers"]) != (t["recall@1"], t["ers"]) for o in result.trials)
+    expected = sorted((t["recall@1"], t["ers"]) for t in result.trials if not dominated(t))
+    assert sorted((p["recall@1"], p["ers"]) for p in result.front) == expected
     best_r1 = max(t["recall@1"] for t in result.trials)
     assert any(p["recall@1"] == best_r1 for p in result.front)  # the R@1 winner is always on the front
 
