@@ -1,9 +1,11 @@
 """`ray job submit` entrypoint for `rdml evaluate`; every argument is passed through.
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
-        -- python jobs/evaluate.py --config digits --set train.epochs=2
+        -- python jobs/evaluate.py /shared/rdml-runs/<run> --profile quick --track
 
-MLflow: add --set tracking.uri=http://MLFLOW:5000 (or MLFLOW_TRACKING_URI in the runtime_env).
+--track logs to the store of the evaluated run's config (else MLFLOW_TRACKING_URI in the runtime_env);
+a local sqlite store inside the job's working dir is refused at start-up, before the evaluation, and so
+is --json inside it. See docs/cluster.md.
 """
 
 import sys

@@ -1,9 +1,12 @@
 """`ray job submit` entrypoint for `rdml train`; every argument is passed through.
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
-        -- python jobs/train.py --config digits --set train.epochs=2
+        -- python jobs/train.py --config digits --set train.epochs=2 \
+           --set train.output_dir=/shared/rdml-runs --set tracking.uri=http://MLFLOW:5000
 
-MLflow: add --set tracking.uri=http://MLFLOW:5000 (or MLFLOW_TRACKING_URI in the runtime_env).
+Checkpoints go to train.output_dir, which must be storage every node sees (a path inside the job's
+working dir is refused at start-up); the final checkpoint and the model are also logged to MLflow.
+MLflow: --set tracking.uri=http://MLFLOW:5000 (or MLFLOW_TRACKING_URI in the runtime_env). See docs/cluster.md.
 """
 
 import sys

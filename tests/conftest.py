@@ -33,10 +33,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """rdml's own local Ray (127.0.0.1 only), with 4 logical CPUs and 3 logical GPUs."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, log_to_driver=False)
+    from rdml.config import build_config
+    from rdml.distributed.connect import connect
+
+    connect(build_config({"ray": {"num_cpus": 4, "num_gpus": 3}}))
     yield ray
     ray.shutdown()
 

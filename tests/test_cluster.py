@@ -27,7 +27,7 @@ def test_launcher_yaml_validates_against_rays_schema():
     gpu_groups = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
     assert gpu_groups and all(t["min_workers"] <= t["max_workers"] <= cfg["max_workers"] for t in gpu_groups)
     setup = " ".join(cfg["setup_commands"])
-    assert 'pip install' in setup and '".[gpu]"' in setup and "~/rdml" in cfg["file_mounts"]
+    assert 'pip install' in setup and '".[gpu,all]"' in setup and "constraints.txt" in setup and "~/rdml" in cfg["file_mounts"]
     assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"][1:] + cfg["worker_start_ray_commands"][1:])
 
 
@@ -82,4 +82,4 @@ def test_runtime_env_is_valid_for_ray():
 
     env = yaml.safe_load((ROOT / "jobs/runtime_env.yaml").read_text())
     RuntimeEnv(**env, working_dir=str(ROOT))
-    assert ".venv/" in env["excludes"]
+    assert "/.venv/" in env["excludes"] and "data/" not in env["excludes"]  # anchored: rdml/data/ is shipped

@@ -2,7 +2,16 @@
 
 Roots: ``--root-dir DIR`` means DIR holds one folder per dataset (DIR/cub, DIR/sop, ...); otherwise
 ``data.root`` (from --config/--set) applies to ``data.name`` and the others use $RDML_DATA/<name> or
-~/.rdml/data/<name>. Only listing files are read (and their manifests written), not the images.
+~/.rdml/data/<name>. Only listing files are read (and their manifests written), not the images,
+unless ``--check``: then every listed image file must exist and its header must decode (a thread pool;
+the verdicts are cached in the manifest, so a second check only stats unchanged files), and a data set
+with missing or unreadable files is shown as invalid, with the first one named. Exit status 1 when a
+checked data set is invalid.
+
+Examples::
+
+    rdml datasets                       # what is where
+    rdml datasets --check cub           # every CUB image exists and decodes
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--root-dir", type=Path, default=None, metavar="DIR",
                         help="parent directory with one folder per dataset (DIR/<name>)")
+    parser.add_argument("--check", action="store_true",
+                        help="also check that every listed image file exists and decodes (cached in the manifest)")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"datasets to check (default: all of {', '.join(DATASET_NAMES)})")
 
@@ -64,5 +75,8 @@ def run(args: argparse.Namespace) -> int:
         from rdml.errors import ConfigError
 
         raise ConfigError(f"unknown dataset(s) {unknown}; known: {', '.join(DATASET_NAMES)}")
-    render(dataset_status(cfg.data, names=args.names or None, root_dir=args.root_dir))
+    statuses = dataset_status(cfg.data, names=args.names or None, root_dir=args.root_dir, check=args.check)
+    render(statuses)
+    if args.check and any(st.state == "invalid" for st in statuses):
+        return 1
     return 0

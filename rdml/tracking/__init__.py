@@ -22,23 +22,28 @@ from rdml.tracking.logger import (
     log_training_plots,
     make_logger,
 )
+from rdml.tracking.modelfiles import model_spec, quiet_rebuilds, read_model_dir, write_model_dir
 from rdml.tracking.runs import (
     child_runs,
     download_artifact,
     end_run,
     end_run_if_running,
+    experiment_run_ids,
     flatten,
     list_artifacts,
     load_logged_model,
     log_artifact,
     log_dict,
     log_figure,
+    log_files,
     log_metrics,
     log_model,
     log_params,
     log_text,
+    logged_models,
     metric_key,
     remember,
+    resume_run,
     run_status,
     set_tags,
     start_run,
@@ -48,8 +53,9 @@ from rdml.tracking.store import artifact_root, check_reachable, ensure_experimen
 
 __all__ = [
     "NullLogger", "RunLogger", "artifact_root", "check_reachable", "child_runs", "download_artifact", "end_run",
-    "end_run_if_running", "ensure_experiment", "flatten", "list_artifacts", "load_logged_model", "log_artifact",
-    "log_checkpoint_model", "log_dict", "log_embedding_plot", "log_figure", "log_metrics", "log_model",
-    "log_params", "log_text", "log_training_plots", "make_logger", "metric_key", "remember", "resolve_uri",
-    "resolved_uri", "run_status", "set_tags", "start_run", "uri_of",
+    "end_run_if_running", "ensure_experiment", "experiment_run_ids", "flatten", "list_artifacts", "load_logged_model", "log_artifact",
+    "log_checkpoint_model", "log_dict", "log_embedding_plot", "log_figure", "log_files", "log_metrics", "log_model",
+    "log_params", "log_text", "log_training_plots", "logged_models", "make_logger", "metric_key", "model_spec",
+    "quiet_rebuilds", "read_model_dir", "remember", "resolve_uri", "resolved_uri", "resume_run", "run_status",
+    "set_tags", "start_run", "uri_of", "write_model_dir",
 ]

@@ -73,8 +73,10 @@ class RunLogger:
 
     # -- Callback protocol -------------------------------------------------------------------------
     def on_train_start(self, cfg: ExperimentConfig) -> None:
-        if self.active:
-            self._safe(runs.set_tags, self.run_id, {"rdml.status": "training"}, tracking=self.uri)
+        """Nothing to record: the run's own status (RUNNING until ended) says that training is on.
+
+        (An ``rdml.status: training`` tag used to be set here and was never cleared.)
+        """
 
     def on_step(self, step: int, stats: dict[str, float]) -> None:
         if self.active and step % self.log_every_steps == 0:
@@ -160,11 +162,19 @@ def log_checkpoint_model(run_id: str | None, checkpoint: str | Path, tracking: A
         return
     from rdml.data import SubsetDataset, build_datasets
     from rdml.eval import embed
-    from rdml.train import load_model
+    from rdml.models import build_model
+    from rdml.tracking.modelfiles import model_spec, quiet_rebuilds
+    from rdml.train import load_checkpoint
 
-    model, cfg = load_model(checkpoint, device="cpu")
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    cfg = ckpt.config
+    with quiet_rebuilds():
+        model = build_model(cfg.model.model_copy(update={"pretrained": None}), ckpt.in_channels, ckpt.image_size)
+    model.load_state_dict(ckpt.model_state)
+    model.eval()
     if log_model:
-        runs.log_model(run_id, model, name="model", tracking=tracking)
+        runs.log_model(run_id, model, name="model", tracking=tracking,
+                       spec=model_spec(cfg, ckpt.in_channels, ckpt.image_size))
     test = build_datasets(cfg.data).test
     if len(test) > max_points:
         test = SubsetDataset(test, list(range(max_points)))

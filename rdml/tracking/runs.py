@@ -11,12 +11,14 @@ through :func:`metric_key` (``recall@1`` -> ``recall_at_1``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import re
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -200,13 +202,21 @@ def log_figure(run_id: str | None, fig: Any, name: str, tracking: TrackingConfig
 
 
 def log_model(
-    run_id: str | None, model: Any, name: str = "model", tracking: TrackingConfig | str | None = None
+    run_id: str | None, model: Any, name: str = "model", tracking: TrackingConfig | str | None = None, *,
+    spec: Mapping[str, Any],
 ) -> str | None:
-    """Log a torch model with ``mlflow.pytorch.log_model`` (MLflow 3: ``name=``); returns its model URI.
+    """Log ``model`` as an MLflow LoggedModel of the run's own experiment; returns ``models:/<model_id>``.
 
-    The model is copied to CPU so it loads anywhere, and pickled (MLflow 3.17 defaults to the
-    torch.export "pt2" format, which needs an input example and traceable forward code). pip requirements are given explicitly: MLflow's
-    inference would re-import the model in a subprocess, which costs seconds and needs rdml installed.
+    ``spec`` describes how rdml rebuilds it (:func:`rdml.tracking.modelfiles.model_spec`). The model is
+    created explicitly in the run's experiment: ``mlflow.pytorch.log_model`` alone creates it in the
+    fluent API's *current* experiment, which for a client addressing runs by id is MLflow's Default
+    experiment (files under ``mlruns/0``, and "Logged models (0)" on the run's page).
+
+    Two forms, neither of them a pickle: ``rdml/`` (weights + JSON, what :func:`load_logged_model`
+    reads) and MLflow's ``pytorch`` flavour in its ``pt2`` format (a ``torch.export`` graph, traced on
+    a zero input of the spec's geometry) for MLflow's own tools. If the export fails for some model,
+    the logged model keeps only ``rdml/`` (a warning says so). pip requirements are given explicitly:
+    MLflow's inference would re-import the model in a subprocess (seconds, and needs rdml).
     """
     if run_id is None:
         return None
@@ -214,22 +224,69 @@ def log_model(
     import mlflow.pytorch
     import torch
 
+    from rdml.tracking.modelfiles import write_model_dir
+
     uri = uri_of(run_id, tracking)
+    c = client(uri)
+    experiment_id = c.get_run(run_id).info.experiment_id
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    with _tracking_uri(uri), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        info = mlflow.pytorch.log_model(
-            cpu_model, name=name, run_id=run_id, pip_requirements=reqs, serialization_format="pickle"
-        )
-    return info.model_uri
+    logged = c.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id,
+        tags={"rdml.kind": str(spec.get("kind")), "rdml.load_with": "rdml.tracking.load_logged_model (rdml/)"},
+    )
+    with tempfile.TemporaryDirectory(prefix="rdml-model-") as tmp:
+        write_model_dir(cpu_model, dict(spec), tmp)
+        c.log_model_artifacts(logged.model_id, tmp, "rdml")
+    example = torch.zeros(2, int(spec["in_channels"]), int(spec["image_size"]), int(spec["image_size"])).numpy()
+    try:
+        with _tracking_uri(uri), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.pytorch.log_model(cpu_model, name=name, run_id=run_id, model_id=logged.model_id,
+                                     input_example=example, serialization_format="pt2",
+                                     pip_requirements=reqs, validate_serving_input=False)
+    except Exception as exc:  # noqa: BLE001 - torch.export cannot trace every model; rdml/ is enough for rdml
+        from mlflow.entities import LoggedModelStatus
+
+        warnings.warn(f"model {logged.model_id} logged without MLflow's pytorch flavour (torch.export failed: "
+                      f"{type(exc).__name__}: {exc}); rdml loads it from its rdml/ files", stacklevel=2)
+        c.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        c.log_outputs(run_id, [_model_output(logged.model_id)])
+    return f"models:/{logged.model_id}"
 
 
-def _tracking_uri(uri: str) -> Any:
-    """Temporarily point MLflow's fluent API at ``uri`` (``log_model`` has no client form)."""
+def _model_output(model_id: str) -> Any:
+    from mlflow.entities import LoggedModelOutput
+
+    return LoggedModelOutput(model_id, step=0)
+
+
+def logged_models(run_id: str, tracking: TrackingConfig | str | None = None) -> list[Any]:
+    """The LoggedModels whose source run is ``run_id`` (searched in the run's experiment)."""
+    c = client(uri_of(run_id, tracking))
+    exp_id = c.get_run(run_id).info.experiment_id
+    return list(c.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'"))
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """Temporarily point MLflow's fluent API at ``uri`` (``log_model`` has no client form).
+
+    MLflow's own ``_use_tracking_uri`` mirrors the URI into ``$MLFLOW_TRACKING_URI`` and, on exit,
+    *deletes* that variable when no fluent URI had been set before: every later call of this process
+    that resolves the store from the environment would then open ``./mlflow.db``. The variable is restored.
+    """
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    return _use_tracking_uri(uri)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def run_status(run_id: str, tracking: TrackingConfig | str | None = None) -> str:
@@ -263,6 +320,20 @@ def child_runs(parent_run_id: str, tracking: TrackingConfig | str | None = None)
     return c.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
 
 
+def experiment_run_ids(experiment: str, tracking: TrackingConfig | str | None = None) -> list[str]:
+    """Ids of every run of the experiment named ``experiment`` (TrackingError when it does not exist)."""
+    uri = resolved_uri(tracking)
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"the MLflow store {uri} has no experiment {experiment!r}; list them in `rdml ui`, or "
+                            "pass the experiment the runs were logged to (tracking.experiment)")
+    runs = c.search_runs([exp.experiment_id], max_results=50000)
+    for run in runs:
+        remember(run.info.run_id, uri)
+    return [run.info.run_id for run in runs]
+
+
 def download_artifact(run_id: str, name: str, tracking: TrackingConfig | str | None = None) -> Path:
     """Fetch one artifact to a temp dir (tests, report)."""
     dst = tempfile.mkdtemp(prefix="rdml-artifact-")
@@ -273,10 +344,78 @@ def list_artifacts(run_id: str, path: str | None = None, tracking: TrackingConfi
     return [f.path for f in client(uri_of(run_id, tracking)).list_artifacts(run_id, path)]
 
 
-def load_logged_model(model_uri: str, run_id: str | None = None, tracking: TrackingConfig | str | None = None) -> Any:
-    """Load a model logged with :func:`log_model` (``models:/...`` or ``runs:/...``) from its store."""
-    import mlflow.pytorch
+def load_logged_model(model_uri: str, run_id: str | None = None, tracking: TrackingConfig | str | None = None,
+                      device: str = "cpu") -> Any:
+    """Load a model logged with :func:`log_model` (``models:/<model_id>``) from its ``rdml/`` files.
+
+    Only weights (``torch.load(weights_only=True)``) and JSON are read; the pickled ``pytorch``
+    flavour beside them is never loaded, so a tampered artifact cannot run code here.
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from rdml.tracking.modelfiles import read_model_dir
 
     uri = uri_of(run_id, tracking) if run_id else resolved_uri(tracking)
-    with _tracking_uri(uri):
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    if not model_uri.startswith("models:/"):
+        raise TrackingError(f"{model_uri!r} is not a logged-model URI; pass the models:/<model_id> that "
+                            "rdml printed or logged (MLflow UI: the run's Logged models)")
+    model_id = model_uri[len("models:/"):].strip("/").split("/")[0]
+    try:
+        location = client(uri).get_logged_model(model_id).artifact_location
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow store {uri} has no logged model {model_id}: {exc.message}") from None
+    with tempfile.TemporaryDirectory(prefix="rdml-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/rdml", dst_path=tmp,
+                                                        tracking_uri=uri)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"logged model {model_uri} has no rdml/ weights ({exc}); rdml never unpickles "
+                                "MLflow's pytorch flavour: re-log the model with rdml") from None
+        return read_model_dir(local, device=device)
+
+
+def resume_run(
+    cfg: ExperimentConfig, run_id: str, tags: Mapping[str, str] | None = None, run_name: str | None = None,
+) -> str | None:
+    """Reopen run ``run_id`` for a resumed training (status RUNNING again); returns the run id to log into.
+
+    Params are immutable in MLflow: config values changed on resume (``--set train.epochs=...``) are
+    recorded as ``rdml.resumed.<key>`` tags, new keys as params. When the store does not know the run
+    (another store, or deleted) a new run is started, linked by the tag ``rdml.resumed_from``.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    uri = resolved_uri(cfg.tracking)
+    check_reachable(uri)
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage != "active":
+        return start_run(cfg, tags={**(tags or {}), "rdml.resumed_from": run_id}, run_name=run_name)
+    remember(run_id, uri)
+    c.update_run(run_id, status="RUNNING")
+    old = run.data.params
+    flat = {metric_key(k): _param_value(v) for k, v in flatten(cfg.to_dict()).items()}
+    log_params(run_id, {k: v for k, v in flat.items() if k not in old}, tracking=uri)
+    resumes = int(run.data.tags.get("rdml.resumes", "0")) + 1
+    changed = {f"rdml.resumed.{k}": v for k, v in flat.items() if k in old and old[k] != v}
+    set_tags(run_id, {**(tags or {}), **changed, "rdml.resumes": resumes}, tracking=uri)
+    return run_id
+
+
+def log_files(run_id: str | None, root: str | Path, files: list[str], artifact_path: str,
+              tracking: TrackingConfig | str | None = None) -> None:
+    """Upload ``root/<f>`` for every relative path ``f`` to ``<artifact_path>/<f>`` (the layout is kept)."""
+    if run_id is None:
+        return
+    c = client(uri_of(run_id, tracking))
+    root = Path(root)
+    for rel in files:
+        parent = Path(rel).parent.as_posix()
+        dest = artifact_path if parent in ("", ".") else f"{artifact_path}/{parent}"
+        c.log_artifact(run_id, str(root / rel), dest)

@@ -8,8 +8,11 @@ file stores, and sqlite keeps every run queryable by ``rdml ui``). A server that
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,29 +57,28 @@ def artifact_root(uri: str) -> str | None:
     return str(db.parent.resolve() / "mlartifacts")
 
 
-def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Raise :class:`TrackingError` if the store cannot be used (server down, unwritable directory).
+#: an API call every working server answers; unlike ``/health`` it passes MLflow's Host-header and
+#: auth checks, so a server that would refuse the client's requests fails the probe too
+API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 
-    HTTP servers are probed on ``/health`` with a short timeout instead of a client call, because the
-    MLflow client retries a refused connection with backoff for minutes before failing.
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` if the store cannot be used (server down or refusing, unwritable directory).
+
+    HTTP servers are probed with a short timeout instead of a client call, because the MLflow client
+    retries a refused connection with backoff for minutes before failing. ``/health`` alone is not
+    enough: MLflow 3 exempts it from the Host-header validation, so a server started with
+    ``--host 0.0.0.0`` answers it from any machine while refusing every API call (``403 Invalid Host
+    header``). The probe therefore also sends one read-only API request, with the client's credentials.
+    Inside a Ray job, a local sqlite store in Ray's temporary directories is refused
+    (:func:`rdml.jobenv.require_durable_store`).
     """
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                if resp.status == 200:
-                    return
-                problem = f"answered HTTP {resp.status}"
-        except urllib.error.HTTPError as exc:
-            problem = f"answered HTTP {exc.code}"
-        except (OSError, ValueError) as exc:
-            problem = f"did not answer ({getattr(exc, 'reason', exc)})"
-        raise TrackingError(
-            f"MLflow tracking server {uri} {problem} on /health within {timeout:.0f} s. Start it "
-            f"(`rdml ui` or `mlflow server --host 127.0.0.1 --port <port>`), or point tracking.uri / "
-            "MLFLOW_TRACKING_URI at a running server or a sqlite store (tracking.uri=sqlite:///path/mlflow.db), "
-            "or disable tracking with --set tracking.enabled=false"
-        )
+        _probe_server(uri, timeout)
+        return
+    from rdml.jobenv import require_durable_store
+
+    require_durable_store(uri)
     db = sqlite_path(uri)
     if db is not None:
         try:
@@ -90,10 +92,61 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             raise TrackingError(f"the MLflow sqlite store {uri} is not writable; set tracking.uri to a writable location")
 
 
+def _auth_headers() -> dict[str, str]:
+    """The credentials the MLflow client would send (token, else basic auth) from its environment variables."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def _probe_server(uri: str, timeout: float) -> None:
+    base = uri.rstrip("/")
+    host = urllib.parse.urlsplit(base).netloc
+    for path in ("/health", API_PROBE):
+        request = urllib.request.Request(base + path, headers=_auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                if resp.status == 200:
+                    continue
+                code, body = resp.status, ""
+        except urllib.error.HTTPError as exc:
+            code, body = exc.code, exc.read(300).decode(errors="replace").strip()
+        except (OSError, ValueError) as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} did not answer ({getattr(exc, 'reason', exc)}) within "
+                f"{timeout:.0f} s. Start it (`rdml ui` or `mlflow server --host 127.0.0.1 --port <port>`), or point "
+                "tracking.uri / MLFLOW_TRACKING_URI at a running server or a sqlite store "
+                "(tracking.uri=sqlite:///path/mlflow.db), or disable tracking with --set tracking.enabled=false"
+            ) from None
+        raise TrackingError(_refusal(uri, host, path, code, body))
+
+
+def _refusal(uri: str, host: str, path: str, code: int, body: str) -> str:
+    """The message for a server that answers but refuses ``path`` with HTTP ``code``."""
+    what = f"MLflow tracking server {uri} refused {path.split('?')[0]} with HTTP {code}" + (f" ({body})" if body else "")
+    if code == 403 and "host" in body.lower():
+        return (f"{what}: it does not accept requests addressed to {host}. Restart it with that name allowed: "
+                f"`rdml ui --host 0.0.0.0 --allowed-hosts {host.rsplit(':', 1)[0]}` (or `mlflow server "
+                f"--allowed-hosts {host}`), or use an address it accepts (localhost and private IPs by default)")
+    if code in (401, 403):
+        return (f"{what}: it requires credentials. Export MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD, for this command (and in the env_vars of a Ray job)")
+    return (f"{what}. Check that {uri} is an MLflow tracking server (`rdml ui` or `mlflow server`), or point "
+            "tracking.uri / MLFLOW_TRACKING_URI elsewhere, or disable tracking with --set tracking.enabled=false")
+
+
 def client(uri: str) -> MlflowClient:
     """An MlflowClient bound to ``uri`` (no global tracking state is touched)."""
     from mlflow import MlflowClient
 
+    # a fresh sqlite store announces its schema creation at INFO on every first use, and every artifact
+    # download draws a progress bar: neither is news to users of rdml's commands
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(tracking_uri=uri)
 
 

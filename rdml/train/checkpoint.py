@@ -14,7 +14,11 @@ Layout of a run directory::
 
 Only the newest ``train.keep_checkpoints`` epoch files are kept (``last.pt`` always is).
 
-Checkpoints are pickles (``torch.load(weights_only=False)``): load only files you trust.
+Checkpoints hold only tensors and plain Python values (the RNG states included, see
+:mod:`rdml.train.seeding`) and are read with ``torch.load(weights_only=True)`` (:mod:`rdml.safe_load`):
+loading one never runs code from the file. A file holding anything else (a crafted pickle, a foreign
+object) is refused with a :class:`CheckpointError` naming it. Checkpoints written before RNG states
+were stored as tensors (numpy's state as an ndarray) still load: exactly those numpy pieces are allowed.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ from torch import nn
 
 from rdml.config import ExperimentConfig, build_config
 from rdml.errors import RdmlError
+from rdml.safe_load import load_torch_file
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
 
 
 class CheckpointError(RdmlError):
-    """A checkpoint path does not exist or the file is not an rdml checkpoint."""
+    """A checkpoint path does not exist, or the file is not (or not safely) an rdml checkpoint."""
 
 
 @dataclass
@@ -67,7 +72,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Write through a temp file in the same directory and rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -80,12 +85,12 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+def atomic_copy(src: Path, dst: Path) -> None:
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def save_checkpoint(
@@ -130,9 +135,9 @@ def save_checkpoint(
         "rng_state": rng_state,
         "extra": dict(extra or {}),
     }
-    _atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path)
     if update_last and path.name != LAST:
-        _atomic_copy(path, path.parent / LAST)
+        atomic_copy(path, path.parent / LAST)
     return path
 
 
@@ -164,10 +169,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint (file, or run directory -> its last.pt). Tensors are mapped to ``map_location``."""
     file = resolve_checkpoint(path)
-    try:
-        raw = torch.load(file, map_location=map_location, weights_only=False)
-    except Exception as exc:  # corrupt / not a torch file
-        raise CheckpointError(f"{file} is not a readable checkpoint ({exc}); pick another epoch-*.pt") from None
+    raw = load_torch_file(file, what="checkpoint", error=CheckpointError, legacy_numpy=True,
+                          map_location=map_location,
+                          fix="pass a checkpoint written by `rdml train` (or pick another epoch-*.pt)")
+    if isinstance(raw, dict) and "member" in raw and "model" in raw and "model_state" not in raw:
+        raise CheckpointError(
+            f"{file} is an EAT ensemble member file, not a training checkpoint; `rdml evaluate` and "
+            "`rdml attack` take it inside its run directory (<run_dir>/step-*/member-k.pt next to manifest.json), "
+            "`rdml ensemble --resume <run_dir>` continues the ensemble"
+        )
     if not isinstance(raw, dict) or "model_state" not in raw or "config" not in raw:
         raise CheckpointError(f"{file} is not an rdml checkpoint (no model_state/config); was it written by rdml?")
     return Checkpoint(
@@ -189,12 +199,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
-    """Rebuild the model from the config stored in the checkpoint alone; eval mode, on ``device``."""
+def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
+    """The checkpoint's model rebuilt from its own config and geometry; eval mode, on ``device``."""
     from rdml.models import build_model
 
-    ckpt = load_checkpoint(path, map_location="cpu")
     model = build_model(ckpt.config.model, in_channels=ckpt.in_channels, image_size=ckpt.image_size)
     model.load_state_dict(ckpt.model_state)
-    model.to(device).eval()
-    return model, ckpt.config
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild the model from the config stored in the checkpoint alone; eval mode, on ``device``."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    return model_from_checkpoint(ckpt, device), ckpt.config

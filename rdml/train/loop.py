@@ -3,8 +3,19 @@
 Per epoch: reseed from ``(seed, epoch, rank)``, build the epoch's deterministic train loader, run
 ``defense.step`` on every batch (``defense.name=none`` is regular training), back-propagate, clip,
 step; check the loss for NaN/inf every step; average the defense's per-step statistics; evaluate on
-the zero-shot test split every ``train.eval_every`` epochs (rank 0 only) and checkpoint every
+the test split every ``train.eval_every`` epochs (rank 0 only) and checkpoint every
 ``train.checkpoint_every`` epochs (rank 0 only). The last epoch is always evaluated and checkpointed.
+
+Stopping (``should_stop``, e.g. :class:`rdml.train.stop.StopSignals` on SIGINT/SIGTERM): the flag is
+checked between steps (all ranks agree through one all-reduce, so no rank is left waiting in a
+collective); the loop then writes ``epoch-EEEE-step-SSSSSS.pt`` (and ``last.pt``) holding the state after
+the last finished step, and returns a result with ``stopped=True``. Such a checkpoint records the last
+*finished* epoch as its ``epoch`` and the position inside the next one under ``extra["partial_epoch"]``
+(steps done, the running sums of the step statistics, the epoch's elapsed time, and every rank's RNG
+states); resuming from it rebuilds that epoch's loader, skips the finished batches without loading
+them, restores the RNG states and continues, so "stopped at step k + resumed" equals an uninterrupted
+run (for DDP, when resumed with the same number of workers). Nothing is written when no step finished
+since the last checkpoint.
 
 Data parallel (``world_size > 1``): the caller (Ray Train) has created the process group. The model is
 wrapped in ``DistributedDataParallel``, each rank reads its own shard of every epoch, and all ranks run
@@ -19,10 +30,11 @@ frozen parameters register no gradient hooks; unwrapping is still the safe rule.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,17 +59,59 @@ class TrainResult:
     checkpoint: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
     run_dir: Path | None = None
+    #: True when ``should_stop`` ended training early; ``checkpoint`` then resumes where it stopped
+    stopped: bool = False
+
+
+#: key of :attr:`rdml.train.Checkpoint.extra` holding the position inside an unfinished epoch
+PARTIAL = "partial_epoch"
+DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
+
+
+def _torch_build() -> str:
+    cuda = getattr(torch.version, "cuda", None)
+    return f"torch {torch.__version__}, " + (f"built for CUDA {cuda}" if cuda else "a CPU-only build")
+
+
+def _requested_device(device: str | torch.device) -> torch.device:
+    """An explicitly requested device (``--device``), checked against what this torch can use."""
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(str(device).strip())
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {str(device)!r} is not a device torch knows; use one of {DEVICE_CHOICES} "
+                          "(e.g. --device cpu)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} was requested but torch sees no CUDA device here "
+                              f"({_torch_build()}); use --device cpu, or --device auto (CUDA when present, else CPU)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {str(device)!r} does not exist: torch sees {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}; pick one of them (or --device cuda)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device {str(device)!r} was requested but torch has no MPS backend here "
+                              f"({_torch_build()}); use --device cpu or --device auto")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {str(device)!r} is not supported by rdml; use one of {DEVICE_CHOICES}")
+    return dev
 
 
 def resolve_device(cfg: ExperimentConfig, device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else ``train.device`` (``auto``: CUDA when present, else CPU)."""
-    if device is not None:
-        return torch.device(device)
-    if cfg.train.device == "cuda":
+    """``device`` if given (``auto`` allowed), else ``train.device`` (``auto``: CUDA when present, else CPU).
+
+    A device this torch cannot use (``cuda`` on a CPU machine or a CPU-only build, ``cuda:3`` on a
+    one-GPU machine, a misspelling) is a :class:`ConfigError` that names the fix, not a traceback
+    from the first tensor moved there.
+    """
+    if device is not None and str(device).strip() != "auto":
+        return _requested_device(device)
+    if device is None and cfg.train.device == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but torch sees no CUDA device; set train.device=auto or cpu")
+            raise ConfigError(f"train.device=cuda but torch sees no CUDA device ({_torch_build()}); "
+                              "set train.device=auto or cpu")
         return torch.device("cuda")
-    if cfg.train.device == "auto" and torch.cuda.is_available():
+    if (device is not None or cfg.train.device == "auto") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -96,30 +150,51 @@ def _broadcast_object(obj: Any, world_size: int) -> Any:
     return box[0]
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _gather_object(obj: Any, world_size: int) -> list[Any]:
+    dist = _dist()
+    if dist is None or world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _stop_agreed(should_stop: Callable[[], bool], device: torch.device, world_size: int) -> bool:
+    """Did any rank's ``should_stop`` fire? (Every rank calls this once per step: one tiny all-reduce.)"""
+    local = bool(should_stop())
+    if world_size == 1:
+        return local
+    return bool(_all_reduce(torch.tensor(int(local), device=device), "MAX").item())
+
+
+def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     disabled = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
-    return tqdm(total=total, desc=desc, disable=disabled, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, disable=disabled, leave=False, dynamic_ncols=True)
+
+
+class _DropFromScratch(logging.Filter):
+    """Drops the ResNet "training from scratch" warning where the weights are loaded right after
+    (resume) or where another rank already said it (rank > 0)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "training from scratch" not in record.getMessage()
 
 
 def _evaluate(model: nn.Module, splits: Any, cfg: ExperimentConfig, device: torch.device) -> dict[str, float]:
-    """Benign metrics on the zero-shot test split (In-Shop: queries against the gallery)."""
+    """Benign metrics under the evaluation protocol (:func:`rdml.eval.evaluation_sets`: In-Shop's queries
+    against its gallery, else the whole zero-shot test split)."""
     from rdml import eval as rdml_eval
 
+    queries, gallery = rdml_eval.evaluation_sets(splits)
     plain = unwrap(model)
     was_training = plain.training
     plain.eval()
     try:
-        if getattr(splits, "query", None) is not None and getattr(splits, "gallery", None) is not None:
-            metrics = rdml_eval.evaluate_model(
-                plain, splits.query, cfg.data.eval_batch_size, device, seed=cfg.eval.kmeans_seed,
-                gallery=splits.gallery,
-            )
-        else:
-            metrics = rdml_eval.evaluate_model(
-                plain, splits.test, cfg.data.eval_batch_size, device, seed=cfg.eval.kmeans_seed
-            )
+        metrics = rdml_eval.evaluate_model(
+            plain, queries, cfg.data.eval_batch_size, device, seed=cfg.eval.kmeans_seed, gallery=gallery
+        )
     finally:
         plain.train(was_training)
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
@@ -155,16 +230,25 @@ def fit(
     device: str | torch.device | None = None,
     *,
     run_dir: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_extra: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train one model as configured and return its final metrics, checkpoint and history.
 
     ``resume``: a checkpoint file or run directory (-> ``checkpoints/last.pt``); training continues
-    at the next epoch in that run directory with every state restored, so the result equals an
-    uninterrupted run. A different ``train.lr`` than the checkpoint's takes effect (e.g. lower it after
-    a :class:`TrainingDivergedError`); the model section must match the checkpoint's.
+    where the checkpoint left off (the next epoch, or inside an epoch for a checkpoint written on a
+    stop) in that run directory with every state restored, so the result equals an uninterrupted run.
+    A different ``train.lr`` than the checkpoint's takes effect (e.g. lower it after a
+    :class:`TrainingDivergedError`); the model section must match the checkpoint's.
     ``run_dir``: where checkpoints go (default: ``<train.output_dir>/<run name or timestamp>``; DDP
     callers pass the same directory to every rank). Only rank 0 evaluates, checkpoints and calls
     ``on_checkpoint``; every rank calls the other hooks with the same (rank-0) epoch metrics.
+    ``should_stop``: polled between steps (on every rank, cheaply); when it returns True the loop writes
+    a checkpoint of the current state and returns ``TrainResult(stopped=True)`` without ``on_train_end``.
+    ``checkpoint_extra``: stored in every checkpoint's ``extra`` (e.g. the MLflow run id, so that a
+    resume continues the same run); a resumed checkpoint's own extra values are kept otherwise.
+    ``progress``: show a per-step tqdm bar on rank 0 (Ray workers turn it off: their output is a log).
     """
     from rdml.data import build_datasets, make_train_loader
     from rdml.defenses import build_defense
@@ -182,6 +266,8 @@ def fit(
         raise RuntimeError("fit(world_size>1) needs an initialised torch.distributed process group (Ray Train)")
 
     ckpt = load_checkpoint(resume) if resume is not None else None
+    partial: dict[str, Any] | None = None
+    extra: dict[str, Any] = {}
     if ckpt is not None:
         if ckpt.config.model != cfg.model or ckpt.config.data.name != cfg.data.name:
             raise ConfigError(
@@ -191,13 +277,25 @@ def fit(
             )
         if run_dir is None:
             run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else ckpt.path.parent
+        extra = {k: v for k, v in ckpt.extra.items() if k != PARTIAL}
+        partial = ckpt.extra.get(PARTIAL)
+        if partial is not None and int(partial.get("epoch", -1)) != ckpt.epoch + 1:
+            partial = None
+    extra.update(checkpoint_extra or {})
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
 
     seed_everything(derive_seed(tc.seed))  # same initial weights (and proxies) on every rank
     splits = build_datasets(cfg.data)
     train_set = splits.train
-    model = build_model(cfg.model, in_channels=train_set.in_channels, image_size=train_set.image_size).to(device)
+    quiet = _DropFromScratch()
+    resnet_log = logging.getLogger("rdml.models.resnet")
+    if ckpt is not None or not is_main:
+        resnet_log.addFilter(quiet)
+    try:
+        model = build_model(cfg.model, in_channels=train_set.in_channels, image_size=train_set.image_size).to(device)
+    finally:
+        resnet_log.removeFilter(quiet)
     loss_fn = build_loss(cfg.loss, num_classes=train_set.num_classes, embedding_dim=model.embedding_dim).to(device)
     defense = build_defense(cfg.defense, cfg.loss, loss_fn)
     optimizer = build_optimizer(cfg, model, loss_fn)
@@ -206,6 +304,7 @@ def fit(
     start_epoch, global_step = 1, 0
     history: list[dict[str, float]] = []
     last_good: Path | None = None
+    saved_step = 0  # global step of the newest checkpoint (0: nothing trained, nothing to keep)
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
         if ckpt.loss_state is not None:
@@ -223,6 +322,7 @@ def fit(
         start_epoch, global_step = ckpt.epoch + 1, ckpt.global_step
         history = list(ckpt.history)
         last_good = ckpt.path
+        saved_step = global_step
 
     train_model: nn.Module = model
     if world_size > 1:
@@ -233,24 +333,49 @@ def fit(
         # of forwards (early stop); BN statistics stay per rank, rank 0's are checkpointed
         train_model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
+    def save(path: Path, epoch: int, metrics: dict[str, float], rng: dict[str, Any], more: dict[str, Any]) -> Path:
+        return save_checkpoint(
+            path, cfg=cfg, model=model, in_channels=train_set.in_channels, image_size=train_set.image_size,
+            epoch=epoch, global_step=global_step, optimizer=optimizer, scheduler=scheduler, defense=defense,
+            loss=loss_fn, metrics=metrics, history=history, rng_state=rng, extra={**extra, **more},
+        )
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     cbs.on_train_start(cfg)
     metrics: dict[str, float] = dict(history[-1]) if history else {}
+    stopped = False
     model.train()
     for epoch in range(start_epoch, tc.epochs + 1):
         idx = epoch - 1  # 0-based epoch index for loaders and StepState
         seed_everything(derive_seed(tc.seed, idx, rank))
         # a CPU generator: mining and PGD random starts draw on CPU
         generator = torch.Generator().manual_seed(derive_seed(tc.seed, idx, rank, 1))
-        loader = make_train_loader(train_set, cfg.data, seed=tc.seed, epoch=idx, rank=rank, world_size=world_size)
-        n_steps = len(loader) if tc.max_steps_per_epoch is None else min(len(loader), tc.max_steps_per_epoch)
+        part = partial if (partial is not None and epoch == start_epoch) else None
+        done = int(part["steps_done"]) if part is not None else 0
+        loader = make_train_loader(train_set, cfg.data, seed=tc.seed, epoch=idx, rank=rank, world_size=world_size,
+                                   skip=done)
+        full = len(loader) + done
+        n_steps = full if tc.max_steps_per_epoch is None else min(full, tc.max_steps_per_epoch)
         n_steps = int(_all_reduce(torch.tensor(n_steps, device=device), "MIN").item())
         sums: dict[str, float] = defaultdict(float)
-        t0 = time.perf_counter()
-        bar = _progress_bar(n_steps, f"epoch {epoch}/{tc.epochs}", enabled=is_main)
-        it = iter(loader)
-        for step in range(1, n_steps + 1):
+        it = iter(loader)  # creating the iterator draws from the global torch RNG: restore states after it
+        elapsed = 0.0
+        if part is not None:
+            sums.update({k: float(v) for k, v in part.get("sums", {}).items()})
+            elapsed = float(part.get("elapsed_s", 0.0))
+            states = part.get("rng") or []
+            if len(states) == world_size:  # same number of ranks as when it stopped: exact continuation
+                set_rng_state(states[rank]["global"])
+                generator.set_state(states[rank]["generator"])
+        t0 = time.perf_counter() - elapsed
+        bar = _progress_bar(n_steps, f"epoch {epoch}/{tc.epochs}", enabled=is_main and progress, initial=done)
+        step = done
+        for step in range(done + 1, n_steps + 1):
+            if should_stop is not None and _stop_agreed(should_stop, device, world_size):
+                stopped = True
+                step -= 1  # the steps finished in this epoch
+                break
             images, labels, _ = next(it)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             state = StepState(
@@ -277,6 +402,17 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
         bar.close()
+        if stopped:
+            if global_step != saved_step:  # something was trained since the last checkpoint: keep it
+                rngs = _gather_object({"global": rng_state(), "generator": generator.get_state()}, world_size)
+                if is_main:
+                    position = {"epoch": epoch, "steps_done": step, "steps": n_steps, "sums": dict(sums),
+                                "elapsed_s": time.perf_counter() - t0, "world_size": world_size, "rng": rngs}
+                    last_good = save(ckpt_dir / f"epoch-{epoch:04d}-step-{step:06d}.pt", epoch - 1,
+                                     dict(history[-1]) if history else {}, rngs[0]["global"], {PARTIAL: position})
+                    prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+                    cbs.on_checkpoint(last_good)
+            break
         if scheduler is not None:
             scheduler.step()
 
@@ -293,28 +429,29 @@ def fit(
             metrics.update(_evaluate(model, splits, cfg, device))
         metrics = _broadcast_object(metrics, world_size)
         history.append(metrics)
-        if is_main and (last or epoch % tc.checkpoint_every == 0):
-            last_good = save_checkpoint(
-                ckpt_dir / f"epoch-{epoch:04d}.pt", cfg=cfg, model=model, in_channels=train_set.in_channels,
-                image_size=train_set.image_size, epoch=epoch, global_step=global_step, optimizer=optimizer,
-                scheduler=scheduler, defense=defense, loss=loss_fn, metrics=metrics, history=history,
-                rng_state=rng_state(),
-            )
-            prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
-            cbs.on_checkpoint(last_good)
+        if last or epoch % tc.checkpoint_every == 0:
+            if is_main:
+                last_good = save(ckpt_dir / f"epoch-{epoch:04d}.pt", epoch, metrics, rng_state(), {})
+                prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+                cbs.on_checkpoint(last_good)
+            saved_step = global_step
         cbs.on_epoch_end(epoch, metrics)
 
+    if stopped:
+        for cb in cbs.callbacks:  # send what is buffered (step curves); no final artifacts on a stop
+            flush = getattr(cb, "flush", None)
+            if callable(flush):
+                flush()
+        checkpoint = (ckpt_dir / LAST) if (ckpt_dir / LAST).exists() else last_good
+        metrics = dict(history[-1]) if history else {}
+        return TrainResult(metrics=metrics, checkpoint=checkpoint, history=history, run_dir=run_dir, stopped=True)
+
     if start_epoch > tc.epochs and not history:
-        # nothing to train (epochs=0): evaluate the initial model so the run still reports metrics
+        # nothing to train (a checkpoint of epoch 0): evaluate the model so the run still reports metrics
         if is_main:
             metrics = {"epoch": float(start_epoch - 1), **_evaluate(model, splits, cfg, device)}
             history.append(metrics)
-            last_good = save_checkpoint(
-                ckpt_dir / f"epoch-{start_epoch - 1:04d}.pt", cfg=cfg, model=model,
-                in_channels=train_set.in_channels, image_size=train_set.image_size, epoch=start_epoch - 1,
-                global_step=global_step, optimizer=optimizer, scheduler=scheduler, defense=defense, loss=loss_fn,
-                metrics=metrics, history=history, rng_state=rng_state(),
-            )
+            last_good = save(ckpt_dir / f"epoch-{start_epoch - 1:04d}.pt", start_epoch - 1, metrics, rng_state(), {})
         metrics = _broadcast_object(metrics, world_size)
 
     checkpoint = (ckpt_dir / LAST) if (ckpt_dir / LAST).exists() else last_good
