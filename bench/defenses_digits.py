@@ -9,7 +9,7 @@ outcomes, ERS, the cost per iteration (forward/backward passes) and wall time, i
     python bench/defenses_digits.py --quick                     # 1 epoch x 6 steps, 100 queries (a smoke run)
     python bench/defenses_digits.py --defenses digits digits-hm-ics --epochs 4 --max-queries 200
 
-Expected shape (spec hm-robrank.md §6, Fashion rows): vanilla has the best R@1 and an ERS near 4;
+Expected shape (docs/methods.md#published-reference-points): vanilla has the best R@1 and an ERS near 4;
 every defense trades R@1 for ERS; ACT and HM&ICS are the strongest; EST is weak at small eta.
 """
 

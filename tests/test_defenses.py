@@ -20,7 +20,7 @@ from rdml.defenses.act import act_perturb
 from rdml.defenses.est import es_perturb
 from rdml.defenses.hm import hm_perturb
 from rdml.defenses.ics import ics_term
-from rdml.defenses.panum import panum_perturb
+from rdml.defenses.panum import panum_mine, panum_perturb
 from rdml.errors import ConfigError
 from rdml.losses import build_loss, hardness, mine_triplets, triplet_loss
 
@@ -90,13 +90,21 @@ def test_every_shipped_recipe_validates():
     assert load_config("sop-hm-sglga-ics").defense.ics_weight == 0.05
     assert load_config("cub-est-r-eta32").defense.pgd.steps == 32
     assert load_config("cub-est-r-eta8").model.freeze_bn is False  # robrank's EST trains BN in train mode
-    for name in ("digits-est", "digits-act", "digits-hm", "digits-hm-ics", "digits-panum"):
+    for name in names:  # every training attack can reach its eps (steps x alpha >= eps)
         pgd = load_config(name).defense.pgd
-        assert (math.isclose(pgd.eps, 77 / 255), math.isclose(pgd.alpha, 3 / 255), pgd.steps) == (True, True, 8)
+        assert pgd.steps * pgd.step_size >= pgd.eps - 1e-9, name
+    for name in ("digits-est", "digits-act", "digits-hm", "digits-hm-ics"):
+        pgd = load_config(name).defense.pgd
+        assert (math.isclose(pgd.eps, 77 / 255), math.isclose(pgd.alpha, 10 / 255), pgd.steps) == (True, True, 8)
+    for name in ("mnist5k-est", "mnist5k-act", "mnist5k-hm", "mnist5k-hm-ics"):  # robrank's 28x28 budget
+        pgd = load_config(name).defense.pgd
+        assert (math.isclose(pgd.eps, 77 / 255), math.isclose(pgd.alpha, 3 / 255), pgd.steps) == (True, True, 32)
+    panum = load_config("mnist5k-panum").defense.pgd  # Panum's own setting
+    assert (panum.eps, panum.steps, panum.random_start) == (0.01, 5, True) and math.isclose(panum.alpha, 0.004)
 
 
 def test_registry_and_config_errors():
-    assert set(DEFENSES) == {"none", "est", "act", "hm", "panum"}
+    assert set(DEFENSES) == {"none", "est", "act", "hm", "panum", "minmax"}
     contrastive = LossConfig(name="contrastive")
     for name in ("act", "hm", "panum"):
         with pytest.raises(ConfigError, match="loss.name=triplet"):
@@ -124,6 +132,7 @@ def test_gradual_adversary_schedules_on_synthetic_losses():
     for value in (0.0, -0.1, -0.2, 0.7):
         cfg = dcfg("hm", hm_schedule="constant", hm_constant=value)
         assert schedules.scalar_destination(cfg, gamma, 0.123, 0.5) == value
+        assert schedules.scalar_destination("constant", gamma, 0.123, 0.5, constant=value) == value
 
 
 @pytest.mark.parametrize(
@@ -235,6 +244,10 @@ def test_hm_step_direction_is_sign_of_hardness_gradient():
     (g,) = torch.autograd.grad(hardness(model(x0), idx, idx + B, idx + 2 * B).sum(), x0)
     expected = (x0.detach() + ALPHA * g.sign()).clamp(0, 1)
     assert torch.allclose(res.x_adv, expected, atol=1e-7)
+    # a training attack *written* with one step is FGSM: one sign step of size eps (robrank's eta = 1)
+    fgsm = Budget.from_config(PGDConfig(eps=EPS, alpha=ALPHA, steps=1))
+    res = hm_perturb(model, images, a, p, n, h_dst, fgsm)
+    assert torch.allclose(res.x_adv, (x0.detach() + EPS * g.sign()).clamp(0, 1), atol=1e-7)
 
 
 def test_hm_early_stop_when_everything_starts_saturated():
@@ -354,9 +367,9 @@ def test_panum_rate_zero_equals_clean_training_on_same_tuples():
     out = make("panum", panum_rate=0.0).step(model, images, labels, state(seed=11))
     model.eval()
     with torch.no_grad():
-        a, p, n = mine_triplets(model(images), labels, "random", margin=0.2, generator=torch.Generator().manual_seed(11))
+        a, p, n = panum_mine(model(images), labels, torch.Generator().manual_seed(11))
     model.train()
-    expected = triplet_loss(model(images), a, p, n, 0.2)
+    expected = triplet_loss(model(images), a, p, n, 0.2, reduction="nonzero_mean")
     assert float(out.loss.detach()) == float(expected.detach())
     assert out.passes == 1 and out.stats["perturbed_frac"] == 0
 
@@ -368,10 +381,12 @@ def test_panum_rate_one_appends_one_copy_per_tuple(role):
     defense = make("panum", panum_rate=1.0, panum_role=role)
     out = defense.step(model, images, labels, state())
     batch_labels, roles = defense.last_batch
-    assert batch_labels.shape[0] == 2 * B + B  # one appended copy per tuple
-    assert model.train_inputs[-1].shape[0] == 3 * B
+    k = len(roles["a"])  # Panum mines one tuple per anchor, every sample being an anchor
+    assert 0 < k <= 2 * B and len(set(roles["a"].tolist())) == k if role != "a" else 0 < k <= 2 * B
+    assert batch_labels.shape[0] == 2 * B + k  # one appended copy per tuple
+    assert model.train_inputs[-1].shape[0] == 2 * B + k
     member = roles[role]
-    assert torch.equal(member, torch.arange(2 * B, 3 * B))  # every role index points at its copy
+    assert torch.equal(member, torch.arange(2 * B, 2 * B + k))  # every role index points at its copy
     others = [roles[r] for r in "apn" if r != role]
     assert all(bool((o < 2 * B).all()) for o in others)
     # the copies keep their member's label: positives/anchors share the class, negatives do not
@@ -401,7 +416,7 @@ def test_panum_references_carry_no_gradient_and_objective_rises():
 def test_passes_reported_for_every_defense():
     images, labels = batch(11)
     expected = {"none": (1, 1), "est": (STEPS + 1, STEPS + 1), "act": (STEPS + 1, STEPS + 1),
-                "hm": (2, STEPS + 1), "panum": (STEPS + 1, STEPS + 1)}
+                "hm": (2, STEPS + 1), "panum": (STEPS + 1, STEPS + 1), "minmax": (STEPS + 1, STEPS + 1)}
     for name, (lo, hi) in expected.items():
         kw = {"hm_schedule": "constant", "hm_constant": 0.2} if name == "hm" else {}
         out = make(name, **kw).step(Tiny(), images, labels, state())
@@ -416,7 +431,7 @@ def test_defenses_accept_m_per_class_batches():
     images, _ = batch(12)
     labels = torch.arange(2 * B) % 4  # [0,1,2,3,0,1,...]: not the pairs layout
     for name, kw in [("hm", {"hm_schedule": "constant", "hm_constant": 0.2, "ics": True}), ("act", {}),
-                     ("panum", {}), ("est", {}), ("none", {})]:
+                     ("panum", {}), ("est", {}), ("none", {}), ("minmax", {})]:
         model = Tiny()
         out = make(name, **kw).step(model, images, labels, state())
         assert torch.isfinite(out.loss), name

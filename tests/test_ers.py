@@ -1,4 +1,4 @@
-"""ERS (hm-robrank.md section 3) against the paper's printed tables."""
+"""ERS against the paper's printed tables (printed in percent; rdml stores fractions, see rdml.metrics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from rdml.attacks.ers import embedding_spread, ers, ers_terms, is_collapsed
 from rdml.attacks.profiles import ERS_KEYS
 
-# (dataset, defense, training eta, (CA+, CA-, QA+, QA-, TMA, ES:D, ES:R, LTM, GTM, GTT), printed ERS)
+# (dataset, defense, training eta, (CA+, CA-, QA+, QA-, TMA, ES:D, ES:R, LTM, GTM, GTT) as printed, printed ERS)
 T_SOTA = [
     ("CUB", "N/A[R]", 'N/A', (0.0, 100.0, 0.0, 99.9, 0.883, 1.762, 0.0, 0.0, 14.1, 0.0), 3.8),
     ("CUB", "EST[R]", '8', (0.5, 97.3, 0.5, 91.3, 0.875, 1.325, 3.9, 0.4, 14.9, 0.0), 7.9),
@@ -63,10 +63,23 @@ T_HMEFF = [
 ]
 
 
+PERCENT_KEYS = ("CA+", "CA-", "QA+", "QA-", "ES:R", "LTM", "GTM", "GTT")  # printed in %, stored as fractions
+
+
+def from_paper(values) -> dict[str, float]:
+    """A printed row in rdml's units: percentages become fractions, TMA and ES:D stay as they are."""
+    return {k: v / 100 if k in PERCENT_KEYS else v for k, v in zip(ERS_KEYS, values, strict=True)}
+
+
 @pytest.mark.parametrize("data,defense,eta,values,printed", T_SOTA + T_HMEFF)
 def test_ers_reproduces_the_paper_tables(data, defense, eta, values, printed):
-    metrics = dict(zip(ERS_KEYS, values, strict=True))
-    assert ers(metrics) == pytest.approx(printed, abs=0.1), (data, defense, eta)
+    assert ers(from_paper(values)) == pytest.approx(printed, abs=0.1), (data, defense, eta)
+
+
+def test_percent_keys_are_exactly_the_fraction_metrics_of_the_registry():
+    from rdml.metrics import FRACTION, lookup
+
+    assert {k for k in ERS_KEYS if lookup(f"attacks.{k}").unit == FRACTION} == set(PERCENT_KEYS)
 
 
 def test_tables_cover_every_cub_and_cars_row():
@@ -74,14 +87,14 @@ def test_tables_cover_every_cub_and_cars_row():
 
 
 def test_vanilla_cub_worked_example():
-    values = dict(zip(ERS_KEYS, (0.0, 100.0, 0.0, 99.9, 0.883, 1.762, 0.0, 0.0, 14.1, 0.0), strict=True))
+    values = from_paper((0.0, 100.0, 0.0, 99.9, 0.883, 1.762, 0.0, 0.0, 14.1, 0.0))
     terms = ers_terms({f"attacks.{k}": v for k, v in values.items()})  # the evaluate JSON's key style
     assert [round(t, 1) for t in terms.values()] == [0.0, 0.0, 0.0, 0.1, 11.7, 11.9, 0.0, 0.0, 14.1, 0.0]
     assert ers(values) == pytest.approx(3.8, abs=0.05)
 
 
 def test_no_effect_scores_about_100_and_missing_keys_fail():
-    untouched = dict(zip(ERS_KEYS, (50.0, 0.0, 50.0, 0.0, 0.0, 0.0, 100.0, 100.0, 100.0, 100.0), strict=True))
+    untouched = from_paper((50.0, 0.0, 50.0, 0.0, 0.0, 0.0, 100.0, 100.0, 100.0, 100.0))
     assert ers(untouched) == pytest.approx(100.0)
     with pytest.raises(KeyError, match="GTT"):
         ers({k: v for k, v in untouched.items() if k != "GTT"})

@@ -91,12 +91,14 @@ def test_distance_weighted_follows_inverse_density():
     assert (counts / counts.sum() - expected).abs().max() < 0.04
 
 
-def test_inverse_density_clamps_and_is_finite():
+def test_inverse_density_is_finite_and_cuts_off_only_when_asked():
     d = torch.tensor([0.0, 0.1, 0.5, 1.0, 1.99, 2.0])
-    v = inverse_sphere_log_density(d, 512)
+    v = inverse_sphere_log_density(d, 512)  # robrank's sampler: no cutoff
     assert torch.isfinite(v).all()
-    assert v[0] == v[1] == v[2]  # clamped at 0.5
+    assert v[0] > v[1] > v[2]  # closer negatives weigh more without a cutoff
     assert v[3] < v[2]  # 1/q is smallest near sqrt(2), the typical distance in high dimension
+    cut = inverse_sphere_log_density(d, 512, cutoff=0.5)  # Wu et al. / pytorch-metric-learning
+    assert cut[0] == cut[1] == cut[2]
 
 
 def test_m_per_class_layout():

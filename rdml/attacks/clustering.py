@@ -1,4 +1,5 @@
-"""Clustering attacks (EAT threat model, eat-panum.md A.3): every sample of the clustered set moves.
+"""Clustering attacks (the threat model of EAT: Ke, "Towards Adversarially Robust Deep Metric Learning",
+arXiv 2501.01025): there is no clean gallery, so every sample of the clustered set moves.
 
 k-means is not differentiable, so the attacks are surrogates handed to the one PGD engine:
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,21 +32,43 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from rdml.attacks.base import Attack
+from rdml.attacks.inputs import as_dataset, dataset_labels, model_device, prepare_model
 from rdml.attacks.pgd import Budget, frozen_eval, pgd
 from rdml.attacks.profiles import AttackSpec
 from rdml.attacks.ranking import ES_OFFSET
-from rdml.attacks.runner import attack_generator, iter_batches
+from rdml.attacks.runner import attack_generator, embed_indices, iter_batches
+
+CLUSTER_METRICS = ("nmi", "ari", "cluster_acc", "cluster_f1", "recall@1")
+"""What a clustering attack is scored with: the benign clustering metrics (and R@1) of the attacked set."""
 
 
 @dataclass
 class ClusteringOutcome:
-    """Adversarial embeddings of the whole clustered set and what they cost."""
+    """Adversarial embeddings of the whole clustered set and what they cost.
+
+    ``values`` are the clustering metrics (:data:`CLUSTER_METRICS`, fractions) of the adversarial
+    embeddings and ``clean`` those of the clean ones, when computed (the attack object's ``__call__``
+    and :func:`attack_clusters` do); ``adv`` the adversarial inputs when kept.
+    """
 
     key: str
     spec: AttackSpec
     adv_emb: np.ndarray  # [n, D]
     passes: int
     seconds: float
+    adv_images: Tensor | None = None
+    values: dict[str, float] = field(default_factory=dict)
+    clean: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def adv(self) -> Tensor | None:
+        return self.adv_images
+
+    @property
+    def mean(self) -> dict[str, float]:
+        """The reported numbers (set-level clustering metrics of the adversarial embeddings)."""
+        return dict(self.values)
 
 
 def class_centroids(emb: Tensor, groups: Tensor, k: int) -> Tensor:
@@ -76,11 +100,185 @@ def centroid_margin_loss(emb: Tensor, centroids: Tensor, target: Tensor, margin:
     return -gain
 
 
+class ClusteringAttack(Attack):
+    """Base of the clustering attacks: every sample of the set is perturbed, the set is re-clustered.
+
+    Called on a model and a set of images with labels (``atk(model, images, labels)``), it returns a
+    :class:`ClusteringOutcome` with the adversarial inputs and the clustering metrics before and after.
+    There is no gallery: the attacked set is the clustered set.
+    """
+
+    threat = "clustering"
+    reports: dict = {}  # clustering attacks report the benign clustering metrics of the attacked set
+
+    def targets(self, clean_emb: Tensor, labels: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor | None]:
+        """(group of every sample, centroids or None)."""
+        return labels, None
+
+    def objective(self, model: nn.Module, rows: slice, clean_emb: Tensor | None, groups: Tensor,
+                  centroids: Tensor | None, generator: torch.Generator, stash: dict[str, Tensor]):
+        raise NotImplementedError
+
+    def run(self, model: nn.Module, dataset: Dataset, indices: Sequence[int], clean_emb: Tensor, labels: Tensor, *,
+            key: str | None = None, batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0,
+            progress: bool = True, keep_images: bool = False) -> ClusteringOutcome:
+        """Attack the set ``dataset[indices]`` (clean embeddings ``clean_emb``, labels 0..K-1 ``labels``)."""
+        key = key or self.key
+        started = time.perf_counter()
+        gen = attack_generator(seed, key)
+        k = int(labels.max().item()) + 1
+        groups, centroids = self.targets(clean_emb, labels, k, seed)
+        kept: list[Tensor] | None = [] if keep_images else None
+        if self.spec.dynamic and self.kind == "CENTROID":
+            adv, passes = self._dynamic(model, dataset, indices, groups, centroids, k, batch_size, device, gen,
+                                        progress, key, kept)
+        else:
+            adv, passes = self._static(model, dataset, indices, clean_emb, groups, centroids, batch_size, device, gen,
+                                       progress, key, kept)
+        return ClusteringOutcome(key, self.spec, adv.cpu().numpy(), passes, time.perf_counter() - started,
+                                 adv_images=torch.cat(kept) if kept else None)
+
+    def _static(self, model, dataset, indices, clean_emb, groups, centroids, batch_size, device, gen, progress, key,
+                kept: list[Tensor] | None):
+        out, passes, start = [], 0, 0
+        total = (len(indices) + batch_size - 1) // batch_size
+        with frozen_eval(model):
+            for images, _ in tqdm(iter_batches(dataset, indices, batch_size), total=total, desc=key,
+                                  disable=not progress, leave=False):
+                x0 = images.to(device)
+                rows = slice(start, start + len(x0))
+                start += len(x0)
+                stash: dict[str, Tensor] = {}
+                objective = self.objective(model, rows, clean_emb, groups, centroids, gen, stash)
+                res = pgd(objective, x0, self.budget, generator=gen)
+                passes += res.passes
+                if self.restarts > 1 or "emb" not in stash:
+                    with torch.no_grad():
+                        stash["emb"] = model(res.x_adv)
+                out.append(stash["emb"])
+                if kept is not None:
+                    kept.append(res.x_adv.cpu())
+        return torch.cat(out), passes
+
+    def _dynamic(self, model, dataset, indices, groups, centroids, k, batch_size, device, gen, progress, key,
+                 kept: list[Tensor] | None):
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, queries: Any, labels: Any = None, *, gallery: Any = None,
+                 batch_size: int = 128, device: str | torch.device | None = None, seed: int = 0,
+                 normalize: bool | None = None, keep_images: bool = True, progress: bool = False) -> ClusteringOutcome:
+        """Attack every image of the set and re-cluster it; ``values`` / ``clean``: metrics after / before.
+
+        ``queries``: images [n, C, H, W] in [0, 1] with ``labels``, or a dataset. ``normalize``: as for
+        the ranking attacks (None: L2-normalise a model whose output is not normalised).
+        """
+        from rdml.errors import ConfigError
+
+        if gallery is not None:
+            raise ConfigError(f"{type(self).__name__} perturbs every sample of the clustered set and has no gallery: "
+                              "call it on the set alone, atk(model, images, labels)")
+        data = as_dataset(queries, labels, "images")
+        device = torch.device(device) if device is not None else model_device(model)
+        model = prepare_model(model, data, normalize, batch_size, device)
+        clean, outcomes = attack_clusters([self], model, data, np.arange(len(data)), dataset_labels(data),  # type: ignore[arg-type]
+                                          batch_size=batch_size, device=device, seed=seed, progress=progress,
+                                          keep_images=keep_images)
+        return outcomes[0]
+
+
+class CentroidAttack(ClusteringAttack):
+    """CENTROID: the centroid-margin surrogate (``centroids`` 'class' or 'kmeans', ``dynamic``, ``margin``)."""
+
+    kind = "CENTROID"
+    options = ("centroids", "dynamic", "margin")
+
+    def targets(self, clean_emb: Tensor, labels: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor | None]:
+        if self.spec.centroids == "class":
+            return labels, class_centroids(clean_emb, labels, k)
+        centroids, groups = kmeans_centroids(clean_emb, k, seed)
+        return groups, centroids
+
+    def objective(self, model, rows, clean_emb, groups, centroids, generator, stash):
+        target = groups[rows]
+        margin = self.spec.margin
+
+        def objective(x, target=target, stash=stash):
+            e = model(x)
+            stash["emb"] = e.detach()
+            return centroid_margin_loss(e, centroids, target, margin)
+
+        return objective
+
+    def _dynamic(self, model, dataset, indices, groups, centroids, k, batch_size, device, gen, progress, key, kept):
+        budget = self.budget
+        if budget.eps == 0 or budget.steps == 0:
+            one = self.with_budget(steps=0)
+            return one._static(model, dataset, indices, None, groups, centroids, batch_size, device, gen, progress,
+                               key, kept)
+        step_budget = Budget(budget.eps, budget.alpha, 1, budget.norm, budget.random_start, 1)
+        current: list[Tensor | None] = [None] * ((len(indices) + batch_size - 1) // batch_size)
+        passes = 0
+        emb = None
+        margin = self.spec.margin
+        with frozen_eval(model):
+            for _ in tqdm(range(budget.steps), desc=key, disable=not progress, leave=False):
+                out, start = [], 0
+                for b, (images, _) in enumerate(iter_batches(dataset, indices, batch_size)):
+                    x0 = images.to(device)
+                    target = groups[start : start + len(x0)]
+                    start += len(x0)
+                    stash: dict[str, Tensor] = {}
+
+                    def objective(x, target=target, stash=stash, c=centroids):
+                        e = model(x)
+                        stash["emb"] = e.detach()
+                        return centroid_margin_loss(e, c, target, margin)
+
+                    begin = None if current[b] is None else current[b].to(device)
+                    res = pgd(objective, x0, step_budget, generator=gen, start=begin)
+                    passes += res.passes
+                    current[b] = res.x_adv.cpu()
+                    out.append(stash["emb"])
+                emb = torch.cat(out)
+                centroids = class_centroids(emb, groups, k)  # detached: computed from stashed embeddings
+        if kept is not None:
+            kept.extend(c for c in current if c is not None)
+        return emb, passes
+
+
+class ClusterShiftAttack(ClusteringAttack):
+    """SHIFT: push every embedding away from its clean position (needs neither labels nor centroids)."""
+
+    kind = "SHIFT"
+
+    def objective(self, model, rows, clean_emb, groups, centroids, generator, stash):
+        # a seeded random offset per sample (not ES's constant one): every point leaves its
+        # clean embedding in its own direction, which scatters clusters far more than a shared one
+        noise = torch.randint(-1, 2, clean_emb[rows].shape, generator=generator).to(clean_emb)
+        ref = clean_emb[rows] + ES_OFFSET * noise
+
+        def objective(x, ref=ref, stash=stash):
+            e = model(x)
+            stash["emb"] = e.detach()
+            return -((e - ref) ** 2).sum(dim=1)
+
+        return objective
+
+
+CLUSTERING_ATTACKS: dict[str, type[ClusteringAttack]] = {"CENTROID": CentroidAttack, "SHIFT": ClusterShiftAttack}
+
+
+def build_clustering_attack(spec: AttackSpec, key: str | None = None) -> ClusteringAttack:
+    if spec.kind not in CLUSTERING_ATTACKS:
+        raise ValueError(f"{spec.kind} is not a clustering attack")
+    return CLUSTERING_ATTACKS[spec.kind].from_spec(spec, key)  # type: ignore[return-value]
+
+
 def run_clustering_attack(
     model: nn.Module,
     dataset: Dataset,
     indices: Sequence[int],
-    spec: AttackSpec,
+    spec: AttackSpec | ClusteringAttack,
     clean_emb: Tensor,
     labels: Tensor,
     *,
@@ -89,90 +287,40 @@ def run_clustering_attack(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    keep_images: bool = False,
 ) -> ClusteringOutcome:
     """Attack the set ``dataset[indices]`` (clean embeddings ``clean_emb``, labels 0..K-1 ``labels``)."""
-    key = key or spec.base_name
-    started = time.perf_counter()
-    gen = attack_generator(seed, key)
-    k = int(labels.max().item()) + 1
-    if spec.kind == "CENTROID":
-        if spec.centroids == "class":
-            groups, centroids = labels, class_centroids(clean_emb, labels, k)
-        else:
-            centroids, groups = kmeans_centroids(clean_emb, k, seed)
-    else:
-        groups, centroids = labels, None
-    if spec.kind == "CENTROID" and spec.dynamic:
-        adv, passes = _dynamic(model, dataset, indices, spec, groups, centroids, k, batch_size, device, gen, progress, key)
-    else:
-        adv, passes = _static(model, dataset, indices, spec, clean_emb, groups, centroids, batch_size, device, gen,
-                              progress, key)
-    return ClusteringOutcome(key, spec, adv.cpu().numpy(), passes, time.perf_counter() - started)
+    attack = spec if isinstance(spec, ClusteringAttack) else build_clustering_attack(spec, key)
+    return attack.run(model, dataset, indices, clean_emb, labels, key=key, batch_size=batch_size, device=device,
+                      seed=seed, progress=progress, keep_images=keep_images)
 
 
-def _static(model, dataset, indices, spec, clean_emb, groups, centroids, batch_size, device, gen, progress, key):
-    out, passes, start = [], 0, 0
-    total = (len(indices) + batch_size - 1) // batch_size
+def cluster_scores(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+    """NMI, ARI, cluster accuracy, pairwise F1 and R@1 (fractions) of a set of embeddings, from rdml.eval."""
+    from rdml.eval import clustering_metrics, retrieval_metrics
+
+    scores = dict(clustering_metrics(emb, labels, seed=seed))
+    scores["recall@1"] = retrieval_metrics(emb, labels)["recall@1"]
+    return {k: float(scores[k]) for k in CLUSTER_METRICS if k in scores}
+
+
+def attack_clusters(attacks: Sequence[ClusteringAttack], model: nn.Module, dataset: Dataset, indices: np.ndarray,
+                    labels_np: np.ndarray, *, batch_size: int, device, seed: int, progress: bool,
+                    keep_images: bool = False) -> tuple[dict[str, float], list[ClusteringOutcome]]:
+    """Clustering attacks on the set ``dataset[indices]``: (clean scores, one outcome per attack with its scores).
+
+    The clean embeddings use the same batching as the attacks; labels are mapped to 0..K-1 on the set.
+    """
+    _, local = np.unique(labels_np[indices], return_inverse=True)
+    labels = torch.as_tensor(local, dtype=torch.long, device=device)
     with frozen_eval(model):
-        for images, _ in tqdm(iter_batches(dataset, indices, batch_size), total=total, desc=key,
-                              disable=not progress, leave=False):
-            x0 = images.to(device)
-            rows = slice(start, start + len(x0))
-            start += len(x0)
-            stash: dict[str, Tensor] = {}
-            if spec.kind == "SHIFT":
-                noise = torch.randint(-1, 2, clean_emb[rows].shape, generator=gen).to(clean_emb)
-                ref = clean_emb[rows] + ES_OFFSET * noise
-
-                def objective(x, ref=ref, stash=stash):
-                    e = model(x)
-                    stash["emb"] = e.detach()
-                    return -((e - ref) ** 2).sum(dim=1)
-            else:
-                target = groups[rows]
-
-                def objective(x, target=target, stash=stash):
-                    e = model(x)
-                    stash["emb"] = e.detach()
-                    return centroid_margin_loss(e, centroids, target, spec.margin)
-
-            res = pgd(objective, x0, spec.budget, generator=gen)
-            passes += res.passes
-            if spec.restarts > 1 or "emb" not in stash:
-                with torch.no_grad():
-                    stash["emb"] = model(res.x_adv)
-            out.append(stash["emb"])
-    return torch.cat(out), passes
-
-
-def _dynamic(model, dataset, indices, spec, groups, centroids, k, batch_size, device, gen, progress, key):
-    budget = spec.budget
-    if budget.eps == 0 or budget.steps == 0:
-        one = spec.model_copy(update={"steps": 0})
-        return _static(model, dataset, indices, one, None, groups, centroids, batch_size, device, gen, progress, key)
-    step_budget = Budget(budget.eps, budget.alpha, 1, budget.norm, budget.random_start, 1)
-    current: list[Tensor | None] = [None] * ((len(indices) + batch_size - 1) // batch_size)
-    passes = 0
-    emb = None
-    with frozen_eval(model):
-        for _ in tqdm(range(budget.steps), desc=key, disable=not progress, leave=False):
-            out, start = [], 0
-            for b, (images, _) in enumerate(iter_batches(dataset, indices, batch_size)):
-                x0 = images.to(device)
-                target = groups[start : start + len(x0)]
-                start += len(x0)
-                stash: dict[str, Tensor] = {}
-
-                def objective(x, target=target, stash=stash, c=centroids):
-                    e = model(x)
-                    stash["emb"] = e.detach()
-                    return centroid_margin_loss(e, c, target, spec.margin)
-
-                begin = None if current[b] is None else current[b].to(device)
-                res = pgd(objective, x0, step_budget, generator=gen, start=begin)
-                passes += res.passes
-                current[b] = res.x_adv.cpu()
-                out.append(stash["emb"])
-            emb = torch.cat(out)
-            centroids = class_centroids(emb, groups, k)  # detached: computed from stashed embeddings
-    return emb, passes
+        clean = embed_indices(model, dataset, indices, batch_size, device)
+    clean_scores = cluster_scores(clean.cpu().numpy(), local, seed)
+    outcomes = []
+    for attack in attacks:
+        outcome = attack.run(model, dataset, indices, clean, labels, key=attack.key, batch_size=batch_size,
+                             device=device, seed=seed, progress=progress, keep_images=keep_images)
+        outcome.values = cluster_scores(outcome.adv_emb, local, seed)
+        outcome.clean = dict(clean_scores)
+        outcomes.append(outcome)
+    return clean_scores, outcomes

@@ -5,7 +5,8 @@ the RobRank-style string used on the command line, e.g. ``'QA:pm=-:M=1:eps=0.031
 pgditer=32'`` (``eps=8/255`` fractions are accepted). A *profile* is a named list of specs sharing a
 default budget, shipped as YAML in ``rdml/attacks/profiles/`` (``rob28``, ``rob224``, ``pami28``, ...)
 or read from any YAML file. Both parse into the same frozen objects, so ``rdml attack --attack`` and
-``rdml evaluate --profile`` run exactly the same code.
+``rdml evaluate --profile`` run exactly the same code. ``spec.build()`` and ``profile.build()`` give the
+attack objects (:mod:`rdml.attacks.base`) that run them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _ALIASES = {
     "pm": "pm", "W": "W", "M": "M", "eps": "eps", "alpha": "alpha", "pgditer": "steps", "steps": "steps",
     "norm": "norm", "rs": "random_start", "random_start": "random_start", "restarts": "restarts",
     "centroids": "centroids", "dynamic": "dynamic", "exclude_self": "exclude_self", "xi_k": "xi_k",
-    "margin": "margin", "label": "label",
+    "margin": "margin", "label": "label", "step": "step_rule", "step_rule": "step_rule",
 }
 
 
@@ -51,6 +52,8 @@ class AttackSpec(BaseModel):
     norm: Literal["linf", "l2"] = "linf"
     random_start: bool = False
     restarts: int = Field(default=1, ge=1)
+    step_rule: Literal["fixed", "apgd"] = Field(default="fixed", description="PGD steps of alpha, or APGD's "
+                                                "adaptive step (alpha unused): docs/methods.md#apgd-step-rule")
     centroids: Literal["class", "kmeans"] = Field(default="class", description="CENTROID: label-aware or free")
     dynamic: bool = Field(default=False, description="CENTROID: recompute centroids after every step")
     margin: float | None = Field(default=None, gt=0, description="CENTROID: clip the centroid margin")
@@ -71,7 +74,9 @@ class AttackSpec(BaseModel):
 
     @property
     def budget(self) -> Budget:
-        return Budget(self.eps, self.alpha, self.steps, self.norm, self.random_start, self.restarts)
+        """The PGD budget; one step is FGSM (a single step of size eps, RobRank's ``pgditer=1``)."""
+        alpha = self.eps if self.steps == 1 else self.alpha
+        return Budget(self.eps, alpha, self.steps, self.norm, self.random_start, self.restarts, self.step_rule)
 
     @property
     def base_name(self) -> str:
@@ -92,6 +97,10 @@ class AttackSpec(BaseModel):
             return (self.base_name, f"{self.base_name}:GT")
         return (self.base_name,)
 
+    def build(self, key: str | None = None):
+        """The attack object of this spec (:mod:`rdml.attacks.ranking`, :mod:`rdml.attacks.clustering`)."""
+        return build_attack(self, key)
+
     def to_string(self) -> str:
         """The canonical spec string; ``parse_attack_spec(spec.to_string()) == spec``."""
         parts = [self.kind]
@@ -108,6 +117,8 @@ class AttackSpec(BaseModel):
             parts.append("rs=1")
         if self.restarts != 1:
             parts.append(f"restarts={self.restarts}")
+        if self.step_rule != "fixed":
+            parts.append(f"step={self.step_rule}")
         if self.kind == "CENTROID":
             parts.append(f"centroids={self.centroids}")
             if self.dynamic:
@@ -121,6 +132,16 @@ class AttackSpec(BaseModel):
         if self.label is not None:
             parts.append(f"label={self.label}")
         return ":".join(parts)
+
+
+def build_attack(spec: AttackSpec | str, key: str | None = None):
+    """The attack object (ranking or clustering) of a spec or spec string; ``key`` names its metrics."""
+    from rdml.attacks.clustering import CLUSTERING_ATTACKS
+    from rdml.attacks.ranking import ATTACKS
+
+    spec = parse_attack_spec(spec) if isinstance(spec, str) else spec
+    cls = ATTACKS.get(spec.kind) or CLUSTERING_ATTACKS[spec.kind]
+    return cls.from_spec(spec, key)
 
 
 def _parse_number(raw: str) -> float:
@@ -175,8 +196,32 @@ def parse_attack_spec(text: str, defaults: dict[str, Any] | None = None) -> Atta
         raise ConfigError(f"attack spec {text!r} is invalid: {msgs}") from None
 
 
+class BlackBoxSettings(BaseModel):
+    """The query-only random search of a worst-case suite (:mod:`rdml.attacks.blackbox`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queries: int = Field(default=1000, ge=0, description="model queries per attacked item (0: no black-box check)")
+    p_init: float = Field(default=0.8, gt=0, le=1, description="Square's initial fraction of pixels per square")
+    eps: float = Field(default=77 / 255, ge=0, description="L-inf radius (default: the profile's budget)")
+
+
+class WorstCaseSettings(BaseModel):
+    """What a worst-case suite adds to its white-box attacks (:mod:`rdml.attacks.worst_case`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(default=1, ge=1, description="the suite's version, recorded in every robustness card")
+    blackbox: BlackBoxSettings = BlackBoxSettings()
+    transfer: tuple[AttackSpec, ...] = Field(default=(), description="attacks crafted on a surrogate model")
+
+
 class AttackProfile(BaseModel):
-    """A named set of attacks run together (``ers=True``: the 10 ERS numbers and the score)."""
+    """A named set of attacks run together (``ers=True``: the 10 ERS numbers and the score).
+
+    ``worst_case`` (the ``worst28``/``worst224`` suites): also judge every attacked item by the ranking
+    metrics of its worst case over the suite, with the black-box and transfer checks.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -185,6 +230,7 @@ class AttackProfile(BaseModel):
     ers: bool = False
     max_queries: int | None = Field(default=None, gt=0, description="attack at most N queries (speed)")
     attacks: tuple[AttackSpec, ...]
+    worst_case: WorstCaseSettings | None = None
 
     def keyed(self) -> list[tuple[str, AttackSpec]]:
         """(metric-key prefix, spec) pairs with keys unique inside the profile.
@@ -195,7 +241,8 @@ class AttackProfile(BaseModel):
         """
         counts: dict[str, int] = {}
         for spec in self.attacks:
-            counts[spec.base_name] = counts.get(spec.base_name, 0) + 1
+            if spec.label is None:
+                counts[spec.base_name] = counts.get(spec.base_name, 0) + 1
         keyed = []
         for spec in self.attacks:
             key = spec.label or spec.base_name
@@ -209,6 +256,10 @@ class AttackProfile(BaseModel):
         if len({k for k, _ in keyed}) != len(keyed):
             raise ConfigError(f"profile {self.name}: two attacks share a key; give them distinct `label`s")
         return keyed
+
+    def build(self) -> list:
+        """The profile's attack objects, in order, each carrying its unique metric key (``attack.key``)."""
+        return [build_attack(spec, key) for key, spec in self.keyed()]
 
 
 def profile_names() -> list[str]:
@@ -242,6 +293,16 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> AttackPro
             raise ConfigError(f"profile {source}: attack entries are spec strings or mappings, got {entry!r}")
     if not specs:
         raise ConfigError(f"profile {source}: `attacks` is empty")
+    worst = data.pop("worst_case", None)
+    if worst is not None:  # transfer specs take the profile's budget too; the black-box its eps
+        if not isinstance(worst, dict):
+            raise ConfigError(f"profile {source}: `worst_case` must be a mapping (version, blackbox, transfer)")
+        worst = dict(worst)
+        worst["transfer"] = tuple(parse_attack_spec(str(t), defaults) for t in worst.get("transfer") or ())
+        blackbox = {k: _parse_number(str(v)) if k in ("eps", "p_init") else v
+                    for k, v in (worst.get("blackbox") or {}).items()}
+        worst["blackbox"] = {"eps": defaults.get("eps", 77 / 255), **blackbox}
+        data["worst_case"] = worst
     data.setdefault("name", Path(source).stem)
     try:
         return AttackProfile.model_validate({**data, "attacks": tuple(specs)})

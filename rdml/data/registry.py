@@ -66,6 +66,12 @@ def load_rows(cfg: DataConfig) -> tuple[Reader, Located, Rows, Path | None, bool
     manifest could be written (read-only locations: harmless, the listing is scanned next time).
     """
     reader = get_reader(cfg.name)
+    if cfg.split != "default" and cfg.split not in reader.splits:
+        offered = ", ".join(("default", *reader.splits))
+        raise DataError(
+            f"data.split={cfg.split} is not available for dataset {cfg.name!r} (it has a fixed protocol); "
+            f"use data.split={offered.split(', ')[0]} (offered: {offered})"
+        )
     loc = reader.locate(resolve_root(cfg))
     sources = file_signature(loc.sources, loc.base)
     params = reader.params(cfg)
@@ -93,6 +99,18 @@ def _limit(rows: Rows, limit: int | None) -> Rows:
     return rows.take(keep)
 
 
+def split_rows(reader: Reader, rows: Rows, cfg: DataConfig) -> tuple[Rows, Rows, tuple[str, ...]]:
+    """``(train rows, test rows, test members)`` as :func:`build_datasets` uses them (limits applied)."""
+    train_rows = _limit(rows.select("train"), cfg.limit_train)
+    if reader.label_spaces and "test" in reader.label_spaces:
+        members = tuple(reader.label_spaces["test"])
+        test_rows = rows.take(np.flatnonzero(np.isin(rows.split, list(members))))
+    else:
+        members = ()
+        test_rows = rows.select("test")
+    return train_rows, _limit(test_rows, cfg.limit_test), members
+
+
 def build_datasets(cfg: DataConfig) -> DatasetSplits:
     """The train and (full, zero-shot) test splits of ``cfg.name``; In-Shop also gets query/gallery.
 
@@ -103,14 +121,7 @@ def build_datasets(cfg: DataConfig) -> DatasetSplits:
     """
     reader, loc, rows, manifest_path, reused = load_rows(cfg)
     image_size = cfg.image_size or reader.native_size
-    train_rows = _limit(rows.select("train"), cfg.limit_train)
-    if reader.label_spaces and "test" in reader.label_spaces:
-        members = reader.label_spaces["test"]
-        test_rows = rows.take(np.flatnonzero(np.isin(rows.split, list(members))))
-    else:
-        members = ()
-        test_rows = rows.select("test")
-    test_rows = _limit(test_rows, cfg.limit_test)
+    train_rows, test_rows, members = split_rows(reader, rows, cfg)
     for split, r in (("train", train_rows), ("test", test_rows)):
         if len(r) == 0:
             raise reader.error(f"the {split} split is empty", loc.root)
@@ -136,13 +147,16 @@ class DatasetStatus:
 
 
 def dataset_status(
-    cfg: DataConfig | None = None, names: list[str] | tuple[str, ...] | None = None, root_dir: Path | None = None
+    cfg: DataConfig | None = None, names: list[str] | tuple[str, ...] | None = None, root_dir: Path | None = None,
+    check: bool = False,
 ) -> list[DatasetStatus]:
     """Check each dataset: its resolved root, whether its files are there, and split sizes.
 
     ``root_dir`` is a parent directory holding one folder per dataset (``<root_dir>/cub``, ...).
     Otherwise ``cfg.root`` applies to ``cfg.name`` and the default root to the others. Only the
-    listing files are read (via the manifest), not the images.
+    listing files are read (via the manifest), not the images; with ``check`` every listed image file
+    is also checked (:func:`rdml.data.check.check_files`: it exists and its header decodes), and a data
+    set with missing or unreadable files is ``invalid``.
     """
     cfg = cfg or DataConfig()
     out: list[DatasetStatus] = []
@@ -170,5 +184,13 @@ def dataset_status(
             mask = rows.split == split
             counts[split] = (int(mask.sum()), len(np.unique(rows.class_id[mask])))
         state = "bundled" if reader.embedded else "present"
-        out.append(DatasetStatus(name, reader.title, resolved, state, counts))
+        message = ""
+        if check:
+            from rdml.data.check import check_files
+
+            report = check_files(sub, all_rows=True)
+            message = report.summary()
+            if not report.ok:
+                state = "invalid"
+        out.append(DatasetStatus(name, reader.title, resolved, state, counts, message))
     return out

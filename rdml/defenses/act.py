@@ -16,16 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdml.attacks.pgd import Budget, frozen_eval, pgd
+from rdml.attacks.pgd import Budget, frozen_eval
 from rdml.config import DefenseConfig, LossConfig
 from rdml.defenses.base import (
+    Adversary,
+    Craft,
     Defense,
     DefenseOutput,
     StepState,
     benign_embeddings,
+    check_sampler,
     mine,
     plain,
     require_triplet,
+    run_adversary,
 )
 from rdml.losses import hardness, triplet_loss
 
@@ -39,40 +43,65 @@ class ACTResult:
     passes: int
 
 
-def act_perturb(
-    model: nn.Module, images: Tensor, p: Tensor, n: Tensor, budget: Budget, generator: torch.Generator | None = None
-) -> ACTResult:
-    """Collapse each (positive, negative) pair; the model is frozen in eval mode meanwhile."""
-    model = plain(model)
-    b = p.shape[0]
-    x0 = torch.cat([images[p], images[n]])
+def act_objective(model: nn.Module, b: int):
+    """d(φ(P̃), φ(Ñ)) per pair, repeated for both rows of the pair (the rows are [P; N])."""
 
     def objective(x: Tensor) -> Tensor:
         emb = model(x)
         d = F.pairwise_distance(emb[:b], emb[b:])
         return d.repeat(2)
 
+    return objective
+
+
+def act_perturb(
+    model: nn.Module, images: Tensor, p: Tensor, n: Tensor, budget: Budget, generator: torch.Generator | None = None,
+    adversary: Adversary | None = None,
+) -> ACTResult:
+    """Collapse each (positive, negative) pair; the model is frozen in eval mode meanwhile.
+
+    ``adversary``: a self-transfer hook (:func:`rdml.defenses.base.run_adversary`); None runs the engine.
+    """
+    model = plain(model)
+    b = p.shape[0]
+    x0 = torch.cat([images[p], images[n]])
+    objective = act_objective(model, b)
+    craft = Craft(objective, x0, budget, torch.cat([p, n]), lambda other, _loss: act_objective(other, b),
+                  generator=generator)
     with frozen_eval(model):
         with torch.no_grad():
             before = objective(x0)[:b]
-        res = pgd(objective, x0, budget, generator=generator)
+        res = run_adversary(StepState(adversary=adversary), craft)
     return ACTResult(res.x_adv, res.iterations[:b].clone(), before, res.loss[:b], res.passes)
 
 
 class AntiCollapseTriplet(Defense):
-    """``defense.name=act``: ACT[loss.sampler]."""
+    """``defense.name=act``: ACT[sampler].
+
+    ``AntiCollapseTriplet(eps=..., alpha=..., steps=..., sampler="random", margin=0.2)``: triplets mined
+    with ``sampler`` on the benign embeddings, the triplet loss with margin gamma = ``margin``. From a
+    config: ``loss.sampler`` and ``loss.margin`` (``loss.name`` must be triplet).
+    """
 
     name = "act"
 
-    def __init__(self, defense_cfg: DefenseConfig, loss_cfg: LossConfig, loss: nn.Module) -> None:
-        super().__init__(defense_cfg, loss_cfg, loss)
+    def __init__(self, *, sampler: str = "random", margin: float = 0.2, loss: nn.Module | None = None,
+                 **budget) -> None:
+        super().__init__(loss=loss, **budget)
+        check_sampler("AntiCollapseTriplet", "sampler", sampler)
+        self.sampler = sampler
+        self.margin = float(margin)
+
+    @classmethod
+    def config_kwargs(cls, defense_cfg: DefenseConfig, loss_cfg: LossConfig) -> dict:
         require_triplet("act", loss_cfg)
+        return {"sampler": loss_cfg.sampler, "margin": loss_cfg.margin}
 
     def step(self, model: nn.Module, images: Tensor, labels: Tensor, state: StepState) -> DefenseOutput:
-        gamma = float(self.loss_cfg.margin)
+        gamma = self.margin
         clean = benign_embeddings(model, images)
-        a, p, n = mine(clean, labels, self.loss_cfg.sampler, gamma, state)
-        res = act_perturb(model, images, p, n, self.budget, state.generator)
+        a, p, n = mine(clean, labels, self.sampler, gamma, state)
+        res = act_perturb(model, images, p, n, self.budget, state.generator, state.adversary)
         b = a.shape[0]
         emb = model(torch.cat([images[a], res.x_adv]))
         idx = torch.arange(b, device=images.device)

@@ -1,9 +1,9 @@
 """EST, Embedding-Shifted Triplet (Zhou et al., ECCV 2020).
 
 Every image of the batch (all 2B) is independently pushed as far from its own benign embedding as the
-budget allows (the ES attack: PGD minimising -||φ(x̃) - φ(x)||, with a tiny random offset of 1e-7 on
-the reference at iteration 0 so the gradient at x̃ = x is not the zero/undefined gradient of a norm at
-0). The configured metric loss is then applied to the adversarial embeddings, so triplets are
+budget allows (the ES attack: PGD minimising -||φ(x̃) - φ(x)||, with the evaluation suite's constant
+offset :data:`rdml.attacks.ranking.ES_OFFSET`, robrank's effective one, so the gradient at x̃ = x is
+defined and the attack is deterministic). The configured metric loss is then applied to the adversarial embeddings, so triplets are
 re-sampled on them by the loss's own sampler.
 
 BatchNorm: robrank trains EST with BN in *train* mode (its ``is_advtrain`` skips the BN freeze),
@@ -17,47 +17,62 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rdml.attacks.pgd import Budget, PGDResult, frozen_eval, pgd
-from rdml.attacks.ranking import ES_OFFSET
-from rdml.defenses.base import Defense, DefenseOutput, StepState, benign_embeddings, plain
+from rdml.attacks.pgd import Budget, PGDResult, frozen_eval
+from rdml.attacks.ranking import shift_distance
+from rdml.defenses.base import (
+    Adversary,
+    Craft,
+    Defense,
+    DefenseOutput,
+    StepState,
+    benign_embeddings,
+    plain,
+    run_adversary,
+)
 
-REFERENCE_OFFSET = ES_OFFSET  # shared with the ES attack of the evaluation suite
 
-
-def es_objective(model: nn.Module, reference: Tensor, generator: torch.Generator | None = None):
-    """-||φ(x) - reference|| per sample; the first call offsets the reference by ~1e-7."""
-    calls = [0]
-    offset = torch.randn(reference.shape, generator=generator, device="cpu").to(reference) * REFERENCE_OFFSET
+def es_objective(model: nn.Module, reference: Tensor):
+    """-||φ(x) - reference|| per sample (the ES attack's objective, same offset)."""
 
     def objective(x: Tensor) -> Tensor:
-        ref = reference + offset if calls[0] == 0 else reference
-        calls[0] += 1
-        return -(model(x) - ref).norm(dim=1)
+        return -shift_distance(model(x), reference)
 
     return objective
 
 
 def es_perturb(
-    model: nn.Module, images: Tensor, budget: Budget, generator: torch.Generator | None = None
+    model: nn.Module, images: Tensor, budget: Budget, generator: torch.Generator | None = None,
+    adversary: Adversary | None = None,
 ) -> tuple[PGDResult, Tensor]:
-    """Embedding-shift attack on every image; returns the PGD result and the achieved shift [n]."""
+    """Embedding-shift attack on every image; returns the PGD result and the achieved shift [n].
+
+    ``adversary``: a self-transfer hook (:func:`rdml.defenses.base.run_adversary`); None runs the engine.
+    """
     model = plain(model)
     reference = benign_embeddings(model, images)
+    craft = Craft(es_objective(model, reference), images, budget, torch.arange(images.shape[0], device=images.device),
+                  lambda other, _loss: es_objective(other, benign_embeddings(other, images)), generator=generator)
     with frozen_eval(model):
-        res = pgd(es_objective(model, reference, generator), images, budget, generator=generator)
+        res = run_adversary(StepState(adversary=adversary), craft)
         with torch.no_grad():
             shift = (model(res.x_adv) - reference).norm(dim=1)
     return res, shift
 
 
 class EmbeddingShiftedTriplet(Defense):
-    """``defense.name=est``: the metric loss on ES-perturbed images (every image of the batch)."""
+    """``defense.name=est``: the metric loss on ES-perturbed images (every image of the batch).
+
+    ``EmbeddingShiftedTriplet(eps=8/255, alpha=2/255, steps=8, loss=TripletLoss(sampler="random"))``:
+    the budget keywords of :class:`rdml.defenses.base.Defense` and the metric loss applied to the
+    adversarial embeddings (any :class:`rdml.losses.MetricLoss`).
+    """
 
     name = "est"
 
     def step(self, model: nn.Module, images: Tensor, labels: Tensor, state: StepState) -> DefenseOutput:
-        res, shift = es_perturb(model, images, self.budget, state.generator)
-        loss = self.loss(model(res.x_adv), labels)
+        loss_fn = self._needs_loss()
+        res, shift = es_perturb(model, images, self.budget, state.generator, state.adversary)
+        loss = loss_fn(model(res.x_adv), labels)
         value = float(loss.detach())
         stats = {
             "loss": value,

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 
-from rdml.config import DefenseConfig
-
 INITIAL_PREVIOUS_LOSS = 2.0
 """The reference code's initial l_prev: the first step uses the weakest gradual destination."""
 
 LOSS_FEEDBACK = ("lga", "g2", "gsqrt", "boost")
 """Schedules that read the previous adversarial loss."""
+
+SCHEDULES = ("none", "lga", "boost", "g2", "gsqrt", "constant", "linear")
+"""Every destination schedule HM knows (``defense.hm_schedule``)."""
 
 
 def normalised_loss(l_prev: float, u: float) -> float:
@@ -55,17 +56,25 @@ def linear(progress: float, start: float, end: float) -> float:
     return start + (end - start) * p
 
 
-def scalar_destination(cfg: DefenseConfig, gamma: float, l_prev: float, progress: float) -> float:
-    """H_D for the scalar schedules (every one but ``none`` and ``boost``, which are per-triplet)."""
-    name = cfg.hm_schedule
-    if name == "lga":
-        return lga(l_prev, gamma, cfg.hm_u)
-    if name == "g2":
-        return g2(l_prev, gamma, cfg.hm_u)
-    if name == "gsqrt":
-        return gsqrt(l_prev, gamma, cfg.hm_u)
-    if name == "constant":
-        return float(cfg.hm_constant)
-    if name == "linear":
-        return linear(progress, cfg.hm_ramp_start, cfg.hm_ramp_end)
-    raise ValueError(f"schedule {name!r} has no scalar destination")
+def scalar_destination(schedule, gamma: float, l_prev: float, progress: float, *, u: float = 0.2,
+                       constant: float = -0.1, ramp_start: float = -0.2, ramp_end: float = 0.0) -> float:
+    """H_D for the scalar schedules (every one but ``none`` and ``boost``, which are per-triplet).
+
+    ``schedule`` is a schedule name with its parameters as keywords, or a :class:`rdml.config.DefenseConfig`
+    (its ``hm_schedule``, ``hm_u``, ``hm_constant``, ``hm_ramp_start``, ``hm_ramp_end``).
+    """
+    if not isinstance(schedule, str):
+        cfg = schedule
+        schedule, u, constant = cfg.hm_schedule, cfg.hm_u, cfg.hm_constant
+        ramp_start, ramp_end = cfg.hm_ramp_start, cfg.hm_ramp_end
+    if schedule == "lga":
+        return lga(l_prev, gamma, u)
+    if schedule == "g2":
+        return g2(l_prev, gamma, u)
+    if schedule == "gsqrt":
+        return gsqrt(l_prev, gamma, u)
+    if schedule == "constant":
+        return float(constant)
+    if schedule == "linear":
+        return linear(progress, ramp_start, ramp_end)
+    raise ValueError(f"schedule {schedule!r} has no scalar destination")

@@ -33,7 +33,10 @@ def kmeans(emb, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
     k = int(max(1, min(k, n)))
     if k == 1:
         return np.zeros(n, np.int64)
-    km = faiss.Kmeans(d, k, niter=niter, seed=int(seed), gpu=faiss.get_num_gpus() > 0, verbose=False)
+    # min_points_per_centroid=1: small test sets (64 attacked queries, 10 classes) are legitimate here, and
+    # faiss would otherwise print a warning per call; max_points_per_centroid keeps faiss from subsampling
+    km = faiss.Kmeans(d, k, niter=niter, seed=int(seed), gpu=faiss.get_num_gpus() > 0, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=1_000_000)
     km.train(x)
     _, idx = km.index.search(x, 1)
     return idx.reshape(-1).astype(np.int64)

@@ -19,7 +19,9 @@ def benign_metrics(
 
     With a gallery (In-Shop) retrieval is query-vs-gallery and k-means clusters the union of query
     and gallery embeddings with k = the number of classes in that union. ``full_map=False`` skips the
-    exact mAP of the full ranking (``map`` is NaN; faster at SOP scale, see bench/eval_speed.py).
+    exact mAP of the full ranking (``map`` is NaN) and scores a faiss kNN list instead; the full
+    evaluation costs about what pytorch-metric-learning's ``AccuracyCalculator`` does on the same data
+    (``bench/eval_speed.py``).
     """
     out = retrieval_metrics(emb, labels, gallery_emb, gallery_labels, full_map=full_map)
     if gallery_emb is not None:

@@ -4,14 +4,40 @@
 L2-normalised embeddings (one model, or an EAT ensemble's combined embedding, attacked white-box end
 to end). It
 
-1. embeds the whole test set once (the benign database, batched);
-2. picks the attacked samples (all, or a seeded subset of ``max_queries``);
-3. runs every ranking attack of the profile through :func:`rdml.attacks.runner.run_ranking_attack`
-   and every clustering attack through :func:`rdml.attacks.clustering.run_clustering_attack`;
-4. returns a flat dict: ``attacks.<name>`` (the reported number: percentiles and R@1 in %, TMA cosine,
-   ES:D distance), ``ers`` and ``collapse`` for ERS profiles, ``clustering.<attack>.<metric>`` and
+1. embeds the gallery once (the benign database, batched): the whole test set, whose items are also
+   the queries (each query's own row excluded), or a separate ``gallery`` (In-Shop; nothing excluded);
+2. picks the attacked queries (all, or a seeded subset of ``max_queries``);
+3. builds the profile's attack objects (:meth:`AttackProfile.build`) and runs every ranking attack
+   through :func:`rdml.attacks.runner.run_ranking_attack` and the clustering attacks through
+   :func:`rdml.attacks.clustering.attack_clusters`: the same code an attack object runs when called;
+4. returns a flat dict in rdml's units (:mod:`rdml.metrics`): ``attacks.<name>`` (rank percentiles
+   and R@1 as fractions, TMA a cosine, ES:D a distance), ``ers`` (points) and ``collapse`` for ERS
+   profiles, ``clustering.<attack>.<metric>`` and
    ``clustering.clean.<metric>`` for clustering attacks (NMI, ARI, cluster accuracy, F1, R@1 as
    fractions, from :mod:`rdml.eval`'s metric functions). Per-query results ride along as attributes.
+
+Two numbers next to ERS separate robustness from artefacts of its formula (both also per query, so
+they get intervals):
+
+* ``attacks.ES:D/spread``: ES:D divided by the clean embedding's RMS pairwise distance
+  (``embedding_spread``). ES:D is an absolute distance, so shrinking the embedding (a scale-only
+  change that keeps every ranking) lowers ES:D and raises ERS without any robustness; the ratio does
+  not move.
+* ``attacks.GTM|correct``: GTM counted only on the queries whose clean top-1 is correct. GTM is an
+  R@1 after the attack, so a model that retrieves badly *before* the attack loses little to it.
+
+With ``intervals`` (the number of bootstrap resamples, 0 for none) every ranking metric, ERS and these
+two get a 95% bootstrap interval over the attacked queries (:mod:`rdml.eval.intervals`), reported as
+``ci.<key>.low`` / ``ci.<key>.high``. A profile may hold several groups of the ten ERS attacks told
+apart by a label prefix (``2eps/CA+`` ...); each complete group gets its own ERS (``ers.2eps``).
+
+A profile with a ``worst_case`` section (``worst28``, ``worst224``) runs its ranking attacks *probed* and
+then :func:`rdml.eval.worst_case.run_worst_case`: per attacked item the worst rank of its true match,
+R@1 and AP over every attack of the suite (the black-box search and, given a ``surrogate`` model, the
+transfer attacks included), reported as ``worst.recall@1``, ``worst.map``, ``worst.rank``, per group
+(``worst.whitebox.*``...) and ``worst.masking`` (1 when a weaker attack beat the white-box ones), with
+``ci.worst.*`` intervals from the same resampling. ``result.worst`` holds the per-item values. Other
+profiles run exactly as before.
 """
 
 from __future__ import annotations
@@ -27,16 +53,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from rdml.attacks.clustering import ClusteringOutcome, run_clustering_attack
+from rdml.attacks.clustering import CLUSTER_METRICS, ClusteringOutcome, attack_clusters, cluster_scores
 from rdml.attacks.ers import embedding_spread, ers, is_collapsed
-from rdml.attacks.pgd import frozen_eval
+from rdml.attacks.inputs import dataset_labels
 from rdml.attacks.profiles import ERS_KEYS, AttackProfile, load_profile
-from rdml.attacks.ranking import Database
-from rdml.attacks.runner import AttackOutcome, dataset_labels, embed_indices, run_ranking_attack
+from rdml.attacks.ranking import Batch, Database, _top1_correct
+from rdml.attacks.runner import AttackOutcome, embed_indices, run_ranking_attack
+from rdml.eval.intervals import Interval, bootstrap
 
 log = logging.getLogger(__name__)
 
-CLUSTER_METRICS = ("nmi", "ari", "cluster_acc", "cluster_f1", "recall@1")
+__all__ = ["CLUSTER_METRICS", "RobustnessResult", "cluster_scores", "ers_groups", "evaluate_robustness",
+           "select_queries"]
 
 
 class RobustnessResult(dict):
@@ -49,6 +77,29 @@ class RobustnessResult(dict):
         self.examples: dict[str, Any] | None = None
         self.benign_recall_at_1: float = math.nan
         self.indices: np.ndarray = np.zeros(0, dtype=np.int64)
+        #: per attacked query (aligned with ``indices``): is its clean top-1 (self excluded) of its class?
+        self.clean_correct: np.ndarray = np.zeros(0, dtype=bool)
+        #: RMS pairwise distance of the clean test embedding (the scale ES:D is compared with)
+        self.spread: float = math.nan
+        self.intervals: dict[str, Interval] = {}
+        #: the worst case over a worst-case suite, per item (None for other profiles; rdml.eval.worst_case)
+        self.worst: Any = None
+
+    def per_query_metrics(self) -> dict[str, np.ndarray]:
+        """Every ranking metric per attacked query (aligned with ``indices``), plus the derived ones:
+        ``<prefix>ES:D/spread`` and ``<prefix>GTM|correct`` (NaN on queries retrieved wrongly before the attack)."""
+        out: dict[str, np.ndarray] = {}
+        for o in self.outcomes:
+            if len(o.indices) != len(self.indices) or not np.array_equal(o.indices, self.indices):
+                continue
+            for name, v in o.values.items():
+                out[name] = np.asarray(v, dtype=np.float64)
+        for name in list(out):
+            if name.endswith("ES:D") and self.spread > 0:
+                out[f"{name}/spread"] = out[name] / self.spread
+            if name.endswith("GTM") and len(self.clean_correct) == len(out[name]):
+                out[f"{name}|correct"] = np.where(self.clean_correct, out[name], np.nan)
+        return out
 
     @property
     def passes(self) -> dict[str, int]:
@@ -75,6 +126,18 @@ class RobustnessResult(dict):
                 cols["label"].append(o.labels)
                 cols["value"].append(v.astype(np.float64))
                 cols["iterations"].append(o.iterations.astype(np.int64))
+        if self.worst is not None:  # the worst case and every member's probe (attack "worst" / member key)
+            labels = self.outcomes[0].labels if self.outcomes else np.zeros(len(self.indices), np.int64)
+            rows = [("worst", name, v) for name, v in self.worst.per_query.items()]
+            rows += [(key, f"probe.{m}", member[m]) for key, member in
+                     {"clean": self.worst.clean, **self.worst.members}.items() for m in ("rank", "recall@1", "map")]
+            for attack, metric, v in rows:
+                cols["attack"] += [attack] * len(v)
+                cols["metric"] += [metric] * len(v)
+                cols["index"].append(self.indices)
+                cols["label"].append(labels)
+                cols["value"].append(np.asarray(v, dtype=np.float64))
+                cols["iterations"].append(np.zeros(len(v), dtype=np.int64))
         return {
             "attack": np.asarray(cols["attack"], dtype=object),
             "metric": np.asarray(cols["metric"], dtype=object),
@@ -118,87 +181,165 @@ def evaluate_robustness(
     keep_examples: int = 0,
     keep_images: bool = False,
     database: tuple[torch.Tensor, np.ndarray] | None = None,
+    intervals: int = 0,
+    gallery: Dataset | None = None,
+    surrogate: nn.Module | None = None,
 ) -> RobustnessResult:
-    """Run ``profile`` against ``model`` on ``dataset`` (the zero-shot test set, queries = database).
+    """Run ``profile`` against ``model``: the queries are ``dataset``, the gallery ``gallery`` or ``dataset`` itself.
 
-    ``max_queries`` (default: the profile's) attacks a seeded subset; the database is always the
-    whole set. ``keep_examples`` keeps that many clean/adversarial images with their top-4
-    retrievals (first ranking attack) for the report's panel; ``keep_images`` keeps every
-    adversarial image (for ``rdml attack --save-images``). ``database`` passes precomputed benign
-    embeddings and labels of ``dataset`` (else they are computed here, in batches of ``batch_size``).
+    Without ``gallery`` (rdml's zero-shot protocol on the whole test set) every test item is a query
+    against the whole set with its own row excluded; with ``gallery`` (In-Shop's query/gallery split, or
+    a user's own gallery) the queries search the gallery and nothing is excluded (see
+    :mod:`rdml.attacks.ranking` for what "self" means to each attack). ``max_queries`` (default: the
+    profile's) attacks a seeded subset of the queries; the gallery is always whole. ``keep_examples``
+    keeps that many clean/adversarial images with their top-4 retrievals (first ranking attack) for
+    the report's panel; ``keep_images`` keeps every adversarial image (for ``rdml attack
+    --save-images``). ``database`` passes precomputed benign embeddings and labels of the gallery (else
+    they are computed here, in batches of ``batch_size``). Clustering attacks cluster the attacked queries.
+    ``surrogate``: the independently trained model a worst-case profile crafts its transfer attacks on
+    (ignored by other profiles; without it the transfer check is skipped and the result says so).
     """
     prof = load_profile(profile)
     device = torch.device(device)
     model = model.to(device)
     n = len(dataset)  # type: ignore[arg-type]
+    source = dataset if gallery is None else gallery
     labels_np = dataset_labels(dataset)
+    query_labels = labels_np
+    if gallery is not None:
+        labels_np = dataset_labels(gallery)
     if database is None:
-        db_emb = embed_indices(model, dataset, np.arange(n), batch_size, device)
+        db_emb = embed_indices(model, source, np.arange(len(source)), batch_size, device)  # type: ignore[arg-type]
     else:
         db_emb = torch.as_tensor(database[0]).to(device)
         labels_np = np.asarray(database[1], dtype=np.int64)
+        if gallery is None:
+            query_labels = labels_np
     db = Database(db_emb.detach(), torch.as_tensor(labels_np, device=device))
     limit = max_queries if max_queries is not None else prof.max_queries
     indices = select_queries(n, limit, seed)
+    own = indices if gallery is None else np.full(len(indices), -1, dtype=np.int64)
 
     result = RobustnessResult({})
     result.indices = indices
-    keyed = prof.keyed()
-    ranking = [(k, s) for k, s in keyed if s.threat == "ranking"]
-    clustering = [(k, s) for k, s in keyed if s.threat == "clustering"]
-    for i, (key, spec) in enumerate(ranking):
+    result.spread = embedding_spread(db_emb.cpu().numpy())
+    result.clean_correct = _clean_top1_correct(db, indices, own, query_labels, model, dataset, batch_size, device)
+    attacks = prof.build()
+    ranking = [a for a in attacks if a.threat == "ranking"]
+    clustering = [a for a in attacks if a.threat == "clustering"]
+    worst = prof.worst_case is not None
+    probes: dict[str, dict[str, np.ndarray]] = {}
+    if worst:
+        from rdml.attacks.worst_case import with_probe
+        from rdml.eval.worst_case import run_worst_case, take_probes
+
+        ranking = [with_probe(a) for a in ranking]
+    for i, attack in enumerate(ranking):
         outcome = run_ranking_attack(
-            model, dataset, indices, spec, db, key=key, batch_size=batch_size, device=device, seed=seed,
+            model, dataset, indices, attack, db, key=attack.key, batch_size=batch_size, device=device, seed=seed,
             progress=progress, keep_images=keep_images, keep_examples=keep_examples if i == 0 else 0,
+            self_index=None if gallery is None else own, labels=None if gallery is None else query_labels[indices],
+            gallery_dataset=gallery,
         )
         result.outcomes.append(outcome)
+        if worst:
+            probes[outcome.key] = take_probes(outcome)
         for name, value in outcome.summary().items():
             result[f"attacks.{name}"] = value
         if outcome.examples is not None:
             result.examples = outcome.examples
-        log.info("attack %s: %s (%d passes, %.1f s)", key, outcome.summary(), outcome.passes, outcome.seconds)
+        log.info("attack %s: %s (%d passes, %.1f s)", attack.key, outcome.summary(), outcome.passes, outcome.seconds)
 
-    if prof.ers or all(f"attacks.{k}" in result for k in ERS_KEYS):
-        if all(f"attacks.{k}" in result for k in ERS_KEYS):
-            from rdml.eval.retrieval import retrieval_metrics
+    per_query = result.per_query_metrics()
+    for name, values in per_query.items():
+        if "/spread" in name or "|correct" in name:
+            result[f"attacks.{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+    groups = ers_groups(result)
+    for prefix in groups:
+        result["ers" if not prefix else f"ers.{prefix.rstrip('/')}"] = ers({k: result[f"attacks.{prefix}{k}"]
+                                                                          for k in ERS_KEYS})
+    if groups:
+        from rdml.eval.retrieval import retrieval_metrics
 
-            result["ers"] = ers(result)
+        if gallery is None:
             r1 = retrieval_metrics(db_emb.cpu().numpy(), labels_np)["recall@1"]
-            spread = embedding_spread(db_emb.cpu().numpy())
-            result.benign_recall_at_1 = r1
-            result["embedding_spread"] = spread
-            result["collapse"] = float(is_collapsed(r1, spread))
-            if result["collapse"]:
-                log.warning("benign R@1 %.1f%%, embedding spread %.3f: the model has collapsed; its ERS %.1f is "
-                            "meaningless", 100 * r1, spread, result["ers"])
+        else:
+            q_emb = embed_indices(model, dataset, np.arange(n), batch_size, device)
+            r1 = retrieval_metrics(q_emb.cpu().numpy(), query_labels, db_emb.cpu().numpy(), labels_np)["recall@1"]
+        result.benign_recall_at_1 = r1
+        result["embedding_spread"] = result.spread
+        result["collapse"] = float(is_collapsed(r1, result.spread))
+        if result["collapse"]:
+            log.warning("benign R@1 %.1f%%, embedding spread %.3f: the model has collapsed; its ERS %.1f is "
+                        "meaningless", 100 * r1, result.spread, result.get("ers", math.nan))
+    if intervals and per_query:
+        derived = {("ers" if not p else f"ers.{p.rstrip('/')}"): _ers_of(p) for p in groups}
+        result.intervals = bootstrap(per_query, derived, n_boot=intervals, seed=seed)
+        for name, iv in result.intervals.items():
+            key = name if name.startswith("ers") else f"attacks.{name}"
+            result[f"ci.{key}.low"], result[f"ci.{key}.high"] = iv.low, iv.high
+    if worst:
+        result.worst = run_worst_case(result, probes, prof, model, dataset, indices, own, query_labels[indices], db,
+                                      surrogate=surrogate, gallery=gallery, batch_size=batch_size, device=device,
+                                      seed=seed, progress=progress)
+        result.update(result.worst.metrics())
+        if intervals:
+            worst_iv = bootstrap(result.worst.per_query, n_boot=intervals, seed=seed)
+            result.intervals.update(worst_iv)
+            for name, iv in worst_iv.items():
+                result[f"ci.{name}.low"], result[f"ci.{name}.high"] = iv.low, iv.high
 
     if clustering:
-        _clustering(result, model, dataset, indices, clustering, labels_np, batch_size, device, seed, progress)
+        _clustering(result, model, dataset, indices, clustering, query_labels, batch_size, device, seed, progress)
     return result
 
 
-def _cluster_scores(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
-    from rdml.eval import clustering_metrics, retrieval_metrics
+def ers_groups(metrics: dict[str, float]) -> list[str]:
+    """Label prefixes ('' for none, e.g. '2eps/') under which all ten ERS attacks were run."""
+    prefixes = {k[len("attacks."):-len(key)] for k in metrics for key in ERS_KEYS
+                if k.startswith("attacks.") and k.endswith(key)}
+    return sorted(p for p in prefixes if (not p or p.endswith("/"))
+                  and all(f"attacks.{p}{key}" in metrics for key in ERS_KEYS))
 
-    scores = dict(clustering_metrics(emb, labels, seed=seed))
-    scores["recall@1"] = retrieval_metrics(emb, labels)["recall@1"]
-    return {k: float(scores[k]) for k in CLUSTER_METRICS if k in scores}
+
+def _ers_of(prefix: str):
+    def fn(means) -> float:
+        return ers({k: means[f"{prefix}{k}"] for k in ERS_KEYS})
+
+    return fn
+
+
+@torch.no_grad()
+def _clean_top1_correct(db: Database, indices: np.ndarray, own: np.ndarray, labels: np.ndarray, model: nn.Module,
+                        dataset: Dataset, batch_size: int, device, chunk: int = 1024) -> np.ndarray:
+    """Whether each query's clean top-1 (its own row excluded) has its label, in the attacks' R@1 rule."""
+    if (own < 0).any():  # queries outside the gallery: their clean embeddings come from a forward pass
+        q_emb = embed_indices(model, dataset, indices, batch_size, device)
+    out = []
+    for s in range(0, len(indices), chunk):
+        rows = slice(s, s + chunk)
+        idx = torch.as_tensor(own[rows], device=db.emb.device)
+        emb = db.emb[idx] if not (own < 0).any() else q_emb[rows]
+        lab = db.labels[idx] if not (own < 0).any() else torch.as_tensor(labels[indices[rows]], device=db.emb.device)
+        batch = Batch(self_index=idx, labels=lab, clean=emb, clean_db=emb)
+        out.append(_top1_correct(emb, db, batch).bool().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+
+
+def _cluster_scores(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+    return cluster_scores(emb, labels, seed)
 
 
 def _clustering(result: RobustnessResult, model: nn.Module, dataset: Dataset, indices: np.ndarray,
-                specs: Sequence, labels_np: np.ndarray, batch_size: int, device, seed: int, progress: bool) -> None:
+                attacks: Sequence, labels_np: np.ndarray, batch_size: int, device, seed: int, progress: bool) -> None:
     """Clustering attacks on the set ``dataset[indices]``; clean embeddings use the same batching."""
-    _, local = np.unique(labels_np[indices], return_inverse=True)
-    labels = torch.as_tensor(local, dtype=torch.long, device=device)
-    with frozen_eval(model):
-        clean = embed_indices(model, dataset, indices, batch_size, device)
-    for name, value in _cluster_scores(clean.cpu().numpy(), local, seed).items():
+    clean, outcomes = attack_clusters(attacks, model, dataset, indices, labels_np, batch_size=batch_size,
+                                      device=device, seed=seed, progress=progress)
+    for name, value in clean.items():
         result[f"clustering.clean.{name}"] = value
-    for key, spec in specs:
-        outcome = run_clustering_attack(model, dataset, indices, spec, clean, labels, key=key,
-                                        batch_size=batch_size, device=device, seed=seed, progress=progress)
+    for outcome in outcomes:
         result.clustering.append(outcome)
-        for name, value in _cluster_scores(outcome.adv_emb, local, seed).items():
-            result[f"clustering.{key}.{name}"] = value
-        log.info("clustering attack %s: NMI %.3f (%d passes)", key, result.get(f"clustering.{key}.nmi", math.nan),
-                 outcome.passes)
+        for name, value in outcome.values.items():
+            result[f"clustering.{outcome.key}.{name}"] = value
+        log.info("clustering attack %s: NMI %.3f (%d passes)", outcome.key,
+                 result.get(f"clustering.{outcome.key}.nmi", math.nan), outcome.passes)

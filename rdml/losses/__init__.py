@@ -5,8 +5,8 @@ from rdml.losses.contrastive import ContrastiveLoss
 from rdml.losses.distances import inverse_sphere_log_density, pairwise_distance_matrix
 from rdml.losses.factory import build_loss, param_groups
 from rdml.losses.functional import hardness, triplet_loss
+from rdml.losses.miners import SAMPLERS, is_pairs_layout, mine_triplets
 from rdml.losses.proxy_anchor import ProxyAnchorLoss
-from rdml.losses.samplers import SAMPLERS, is_pairs_layout, mine_triplets
 from rdml.losses.triplet import TripletLoss
 
 __all__ = [

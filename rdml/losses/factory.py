@@ -10,6 +10,9 @@ from rdml.losses.contrastive import ContrastiveLoss
 from rdml.losses.proxy_anchor import ProxyAnchorLoss
 from rdml.losses.triplet import TripletLoss
 
+LOSSES = ("triplet", "contrastive", "proxy_anchor")
+"""The losses :func:`build_loss` builds (the config's allowed ``loss.name`` values)."""
+
 
 def build_loss(cfg, num_classes: int, embedding_dim: int) -> MetricLoss:
     """The loss named by ``cfg.name`` (a :class:`rdml.config.LossConfig`)."""

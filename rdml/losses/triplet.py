@@ -8,7 +8,7 @@ from torch import Tensor
 
 from rdml.losses.base import MetricLoss
 from rdml.losses.functional import triplet_loss
-from rdml.losses.samplers import SAMPLERS, Layout, mine_triplets
+from rdml.losses.miners import SAMPLERS, Layout, mine_triplets
 
 
 class TripletLoss(MetricLoss):
@@ -37,5 +37,21 @@ class TripletLoss(MetricLoss):
         a, p, n = self.mine(emb, labels)
         return triplet_loss(emb, a, p, n, self.margin)
 
+    def fixed(self, clean: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> FixedTriplets:
+        """Triplets mined once on the clean embeddings with ``generator``; the loss of those triplets."""
+        a, p, n = self.mine(F.normalize(clean.detach(), dim=-1), labels, generator)
+        return FixedTriplets(a, p, n, self.margin)
+
     def extra_repr(self) -> str:
         return f"sampler={self.sampler}, margin={self.margin}, layout={self.layout}"
+
+
+class FixedTriplets:
+    """The triplet loss of fixed triplets ``(a, p, n)``: what :meth:`TripletLoss.fixed` returns."""
+
+    def __init__(self, a: Tensor, p: Tensor, n: Tensor, margin: float) -> None:
+        self.triplets = (a, p, n)
+        self.margin = float(margin)
+
+    def __call__(self, embeddings: Tensor) -> Tensor:
+        return triplet_loss(F.normalize(embeddings, dim=-1), *self.triplets, self.margin)

@@ -1,4 +1,4 @@
-"""In-batch triplet samplers (robrank ``losses/miner.py``), vectorised and seedable.
+"""In-batch triplet miners (the "samplers" of robrank's ``losses/miner.py``; config key ``loss.sampler``), vectorised and seedable.
 
 Batch layouts:
 
@@ -18,8 +18,8 @@ Samplers (distances are Euclidean on L2-normalised embeddings, computed without 
   included, as in robrank) farther than the nearest negative, fallback any same-class sample, which
   can be the anchor itself. Softhard therefore also changes the positive.
 * ``distance`` (Wu et al. 2017): negative drawn with probability ∝ 1/q(d), q the density of distances
-  between random points on the unit sphere in dimension D, computed in log space, distances clamped
-  below at 0.5; same-class samples get probability 0.
+  between random points on the unit sphere in dimension D, computed in log space, no distance cutoff
+  (as robrank); same-class samples get probability 0.
 * ``hardest``: nearest negative.
 
 When a batch has no negative for an anchor, every sampler falls back to a uniform draw over the batch
