@@ -1,22 +1,26 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   -- trains an EAT ensemble (3 Ray actors) on the embedded digits data, prints the metrics table
 #   make test   -- runs the whole test suite (slow end-to-end tests included)
-# Both create or refresh the local virtual environment .venv when pyproject.toml changed.
+# Both create or refresh the local virtual environment .venv when pyproject.toml or constraints.txt
+# changed. The venv gets the exact, verified versions of constraints.txt (pyproject.toml only states
+# ranges, for `pip install rdml` next to a user's own torch) and every extra: Ray, MLflow, torchvision.
 
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 FAISS_EXTRA ?= cpu
+CONSTRAINTS := constraints.txt
+PIP := $(VENV)/bin/pip install --quiet -c $(CONSTRAINTS)
 
 .PHONY: demo test lint venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	# torch first and pinned: the local CPU wheel, never the multi-GB CUDA build on a CPU machine
-	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e ".[$(FAISS_EXTRA),dev]"
+	$(PIP) --upgrade pip
+	# torch first, at the pinned release: here the local CPU wheel, never the multi-GB CUDA build
+	$(PIP) torch
+	$(PIP) -e ".[$(FAISS_EXTRA),all,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,4 +37,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns mlartifacts runs .pytest_cache
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts runs .pytest_cache build rdml.egg-info

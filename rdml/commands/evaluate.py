@@ -1,10 +1,27 @@
-"""Evaluate a checkpoint: benign retrieval/clustering metrics and, with --profile, the attack suite and ERS.
+"""Evaluate models: benign retrieval/clustering metrics and, with --profile, the attack suite and ERS,
+every number with a bootstrap 95% interval over the test queries.
 
-Prints a table and (with --json) writes the flat metrics: recall@1/2/4/8, map, map@r, nmi, ari,
-cluster_acc, cluster_f1 (fractions), attacks.<name> (percentiles and R@1 in %, TMA cosine, ES:D
-distance), ers, clustering.<attack>.<metric>. Next to the JSON it writes the per-query results
+A model is a training checkpoint (or its run directory), an EAT ensemble run directory (or its
+manifest.json: the combined embedding of all members), or one member file of an ensemble run
+(step-*/member-k.pt: that member alone); see rdml.ensemble.load. A model rdml did not train comes in
+with --model package.module:factory [--weights FILE] or --model FILE.ts (TorchScript), its data set
+named by --data NAME or --config (rdml.user_model). Several models (e.g. the seeds of one recipe,
+`rdml train --seeds N`) are evaluated together: each gets its table, then their mean over runs with a
+two-level bootstrap interval (seeds, then queries; rdml.eval.compare).
+
+The command is a thin caller of the library's one-call evaluation, :func:`rdml.evaluate`.
+
+Units (rdml.metrics): results are stored as fractions (R@k, mAP, NMI, rank percentiles, attack R@1),
+cosines (TMA) and distances (ES:D); ERS in points; the table shows fractions in percent. With --json
+the flat metrics (with ``ci.<key>.low/high``) are written; next to the JSON the per-query results
 (<stem>.per_query.parquet) and a few clean/adversarial examples (<stem>.examples.pt) for
 `rdml report`. Optional: an eps curve (--curve) and the gradient-masking check (--masking-check).
+
+Every evaluation writes a robustness card (rdml.eval.cards: model, data, threat model, suite and its
+version, queries, seeds, benign metrics, every attack, ERS, worst case, intervals, flags, MLflow run
+id): <stem>.card.json beside --json, or --card PATH, else ./rdml-cards/<model>.<profile>.card.json;
+with --track it is also logged as the run's artifact cards/<file>, which `rdml leaderboard` collects.
+The worst-case profiles (worst28, worst224) craft their transfer attacks on --surrogate.
 """
 
 from __future__ import annotations
@@ -17,11 +34,25 @@ from typing import Any
 
 from rdml.errors import ConfigError
 
-BENIGN_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map", "map@r", "nmi", "ari", "cluster_acc", "cluster_f1")
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model / --weights / --data / --config: a model rdml did not train, and its data set."""
+    parser.add_argument("--model", default=None, metavar="SPEC",
+                        help="a model rdml did not train: package.module:factory (a function or class returning an "
+                             "nn.Module that maps [0,1] images to embeddings) or a TorchScript file")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="with --model: a state dict to load (read with torch.load(weights_only=True))")
+    parser.add_argument("--data", default=None, metavar="NAME",
+                        help="with --model: the data set to evaluate on (digits, mnist5k, cub, cars, sop, inshop...)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="with --model: a config file or recipe giving the data set and eval settings")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint file (or run directory) written by `rdml train`")
+    parser.add_argument("checkpoint", nargs="*",
+                        help="checkpoint file or run directory of `rdml train`; run directory (or manifest.json) of "
+                             "`rdml ensemble`, or one of its step-*/member-k.pt; several: evaluated together")
+    add_model_arguments(parser)
     parser.add_argument("--profile", default=None,
                         help="attack profile: rob28, rob224, quick, pami28, pami224, eccv28, eccv224, clustering, "
                              "clustering28, panum, or a YAML file (default: the checkpoint config's eval.profile)")
@@ -38,118 +69,256 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--track", action="store_true", help="log the metrics and files to MLflow (rdml.tracking)")
     parser.add_argument("--run-id", default=None, help="with --track: log into this existing run (e.g. the training run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--intervals", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the 95%% intervals (default 1000; 0: none)")
+    parser.add_argument("--surrogate", default=None, metavar="PATH",
+                        help="worst-case profiles: an independently trained model (checkpoint or run directory, "
+                             "or a TorchScript file) the transfer attacks are crafted on")
+    parser.add_argument("--card", default=None, metavar="PATH",
+                        help="write the robustness card here (default: <json stem>.card.json beside --json, else "
+                             "rdml-cards/<model>.<profile>.card.json)")
 
 
-def _print_table(metrics: dict[str, Any], title: str) -> None:
+def _print_table(rows: dict[str, dict[str, Any]], title: str) -> None:
+    """One column per model (and the combined one), each number with its interval, units from rdml.metrics."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    from rdml.metrics import show_interval
+
+    table = Table(title=title + "  (fractions in %; intervals: bootstrap 95%)")
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            shown = f"{100 * value:.2f}%" if key in BENIGN_KEYS or key.startswith("clustering.") else f"{value:.3f}"
-            if key.startswith("attacks.") and key.split(".", 1)[1] not in ("TMA", "ES:D"):
-                shown = f"{value:.1f}"
-            if key == "ers":
-                shown = f"{value:.1f}" + ("  (COLLAPSED: R@1 < 5%)" if metrics.get("collapse") else "")
-            table.add_row(key, shown)
-    Console().print(table)
+    for name in rows:
+        table.add_column(name, justify="right")
+    keys: list[str] = []
+    for metrics in rows.values():
+        keys += [k for k, v in metrics.items() if k not in keys and not k.startswith("ci.") and isinstance(v, float)]
+    for key in keys:
+        cells = [show_interval(m, key) if key in m else "—" for m in rows.values()]
+        if key == "ers" and any(m.get("collapse") for m in rows.values()):
+            cells = [c + ("  (COLLAPSED)" if m.get("collapse") else "") for c, m in zip(cells, rows.values(), strict=True)]
+        table.add_row(key, *cells)
+    Console(width=max(100, 30 + 26 * len(rows))).print(table)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, profile: str | None = None, *, device: str | None = None,
+def user_model_source(model: str, weights: str | None, data: str | None, config: str | None) -> Any:
+    """(model, config, description) of ``--model`` with its data set from ``--data`` or ``--config``."""
+    from rdml.config import build_config, load_config
+    from rdml.ensemble.load import LoadedModel
+    from rdml.user_model import load_user_model
+
+    if data is None and config is None:
+        raise ConfigError("--model needs the data set to evaluate on: add --data NAME (e.g. --data digits) or "
+                          "--config FILE")
+    cfg = load_config(config) if config is not None else build_config({})
+    if data is not None:
+        cfg = build_config({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "name": data}})
+    net, description = load_user_model(model, weights, device="cpu")
+    return LoadedModel(net, cfg, description)
+
+
+def _load(checkpoint: str | Path | None, source: Any) -> Any:
+    if source is not None:
+        return source
+    from rdml.ensemble.load import load_any_model
+
+    return load_any_model(checkpoint, device="cpu")  # type: ignore[arg-type]
+
+
+def load_surrogate(path: str | None) -> Any:
+    """The transfer attacks' source model of ``--surrogate``: an rdml checkpoint/run/ensemble path or TorchScript."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--surrogate {path}: no such file or directory; pass a checkpoint or run directory of "
+                          "an independently trained model (e.g. another seed, or vanilla)")
+    if p.is_file() and p.suffix not in (".pt", ".json"):
+        from rdml.user_model import load_user_model
+
+        return load_user_model(str(p), None, device="cpu")[0]
+    return _load(p, None).model
+
+
+def _model_info(checkpoint: str | Path | None, loaded: Any, cfg: Any) -> dict[str, Any]:
+    """What the card records about a model: the path, and the config that built it."""
+    return {"description": loaded.description, "checkpoint": None if checkpoint is None else str(checkpoint),
+            "config_name": cfg.name, "defense": cfg.defense.name, "arch": cfg.model.arch,
+            "embedding_dim": cfg.model.embedding_dim}
+
+
+def evaluate_checkpoint(checkpoint: str | Path | None, profile: str | None = None, *, device: str | None = None,
                         max_queries: int | None = None, batch_size: int | None = None, seed: int | None = None,
                         curve: bool = False, masking_check: bool = False, examples: int = 6,
-                        progress: bool = True) -> tuple[dict[str, Any], Any, Any]:
-    """(flat metrics, RobustnessResult or None, config) of a checkpoint; the library side of the command."""
+                        progress: bool = True, intervals: int = 1000, source: Any = None,
+                        surrogate: Any = None, before: Any = None) -> tuple[dict[str, Any], Any, Any]:
+    """(flat metrics, RunEvaluation, config) of a model; the command's side of :func:`rdml.evaluate`.
+
+    ``checkpoint`` is any path :func:`rdml.ensemble.load.load_any_model` takes (training checkpoint or run
+    directory, ensemble run directory or manifest.json, ensemble member file); ``source`` a loaded
+    user model (:func:`user_model_source`) instead. ``before(cfg)`` runs once the model's config is
+    known and before any evaluation (the tracking pre-check of ``--track``).
+    """
+    from rdml.api import evaluate
     from rdml.data import build_datasets
-    from rdml.eval import evaluate_model
-    from rdml.train import load_model, resolve_device
+    from rdml.eval.protocol import evaluation_sets
+    from rdml.train import resolve_device
 
-    model, cfg = load_model(checkpoint, device="cpu")
+    loaded = _load(checkpoint, source)
+    model, cfg = loaded.model, loaded.config
+    if before is not None:
+        before(cfg)
+    if progress:
+        print(f"evaluating {loaded.description}")
     dev = resolve_device(cfg, device)
-    model.to(dev)
-    test = build_datasets(cfg.data).test
-    bs = batch_size or cfg.data.eval_batch_size
-    metrics: dict[str, Any] = dict(evaluate_model(model, test, batch_size=bs, device=dev, seed=cfg.eval.kmeans_seed))
-    profile = profile or cfg.eval.profile
-    result = None
-    seed = cfg.eval.attack_seed if seed is None else seed
-    max_queries = max_queries if max_queries is not None else cfg.eval.max_queries
-    if profile:
-        from rdml.attacks.profiles import load_profile
-        from rdml.eval.robustness import evaluate_robustness
-
-        prof = load_profile(profile)
-        result = evaluate_robustness(model, test, prof, device=dev, seed=seed, max_queries=max_queries,
-                                     batch_size=bs, progress=progress, keep_examples=examples)
-        metrics.update(result)
-        metrics["profile"] = prof.name
-        ranking = [s for _, s in prof.keyed() if s.threat == "ranking"]
-        kwargs = dict(device=dev, seed=seed, max_queries=max_queries or prof.max_queries, batch_size=bs,
-                      progress=False)
-        if curve and ranking:
-            from rdml.eval.robust_checks import default_metric, robust_curve
-
-            spec = next((s for s in ranking if s.kind == "ES"), ranking[0])
-            metric = default_metric(spec)
-            for eps, value in robust_curve(model, test, spec, [spec.eps * f for f in (0, 0.25, 0.5, 1, 2)],
-                                           metric, **kwargs).items():
-                metrics[f"curve.{metric}.eps={eps:.5f}"] = value
-        if masking_check and ranking:
-            from rdml.eval.robust_checks import check_gradient_masking
-
-            spec = next((s for s in ranking if s.kind == "ES"), ranking[0])
-            check = check_gradient_masking(model, test, spec, **kwargs)
-            metrics.update(check.as_metrics())
-            metrics["masking.reason"] = check.reason
-    return metrics, result, cfg
+    queries, gallery = evaluation_sets(build_datasets(cfg.data))
+    run = evaluate(model, queries, gallery, profile or cfg.eval.profile or None, device=dev,
+                   batch_size=batch_size or cfg.data.eval_batch_size,
+                   seed=cfg.eval.attack_seed if seed is None else seed, kmeans_seed=cfg.eval.kmeans_seed,
+                   max_queries=max_queries if max_queries is not None else cfg.eval.max_queries, intervals=intervals,
+                   normalize=None if source is not None else False, curve=curve, masking_check=masking_check,
+                   keep_examples=examples, progress=progress, name=str(checkpoint or loaded.description),
+                   run_seed=None if source is not None else cfg.train.seed, surrogate=surrogate,
+                   model_info=_model_info(checkpoint, loaded, cfg) if source is None else
+                   {"description": loaded.description})
+    return dict(run.metrics), run, cfg
 
 
-def _track(args: argparse.Namespace, cfg: Any, metrics: dict[str, Any], files: list[Path]) -> None:
-    """Log to MLflow through rdml.tracking (the only mlflow importer)."""
+def _tracking_precheck(cfg: Any) -> None:
+    """--track: the model's tracking store must answer before minutes of attacks, not after them."""
+    from rdml.tracking import check_reachable, resolved_uri
+
+    check_reachable(resolved_uri(cfg.tracking))
+
+
+def _track_start(args: argparse.Namespace, cfg: Any, path: str) -> tuple[str | None, bool]:
+    """The MLflow run to log into (``--run-id``, else a new one) and whether it was created here."""
     from rdml import tracking
 
-    run_id = args.run_id
-    created = False
-    if run_id is None:
-        run_id = tracking.start_run(cfg, tags={"rdml.kind": "evaluate", "rdml.checkpoint": str(args.checkpoint)},
-                                    run_name=f"evaluate-{cfg.name}")
-        created = True
+    if args.run_id is not None:
+        return args.run_id, False
+    return tracking.start_run(cfg, tags={"rdml.kind": "evaluate", "rdml.checkpoint": str(path)},
+                              run_name=f"evaluate-{cfg.name}"), True
+
+
+def _track(run_id: str | None, created: bool, cfg: Any, metrics: dict[str, Any], files: list[Path],
+           card: Path | None) -> None:
+    """Log to MLflow through rdml.tracking (the only mlflow importer); the card goes to ``cards/``."""
+    from rdml import tracking
+    from rdml.eval.cards import ARTIFACT_DIR
+
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
     tracking.log_metrics(run_id, numeric, tracking=cfg.tracking)
     for f in files:
         tracking.log_artifact(run_id, f, "evaluation", tracking=cfg.tracking)
+    if card is not None:
+        tracking.log_artifact(run_id, card, ARTIFACT_DIR, tracking=cfg.tracking)
     if created:
         tracking.end_run(run_id, tracking=cfg.tracking)
     print(f"logged to MLflow run {run_id}")
 
 
+def _card_file(args: argparse.Namespace, out: Path | None, metrics: dict[str, Any], name: str, index: int,
+               count: int) -> Path:
+    """Where a model's card goes: --card, beside --json, or rdml-cards/ in the working directory."""
+    from rdml.eval.cards import CARD_SUFFIX, card_path
+
+    if args.card is not None:
+        card = Path(args.card)
+        return card if count == 1 else card.with_name(f"{card.name.removesuffix(CARD_SUFFIX).removesuffix('.json')}"
+                                                      f".run{index}{CARD_SUFFIX}")
+    if out is not None:
+        return card_path(out if count == 1 else out.with_name(f"{out.stem}.run{index}{out.suffix}"))
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name.removesuffix(".pt")) or "model"
+    return Path("rdml-cards") / f"{stem}.{metrics.get('profile', 'benign')}{CARD_SUFFIX}"
+
+
+def _write_card(run_eval: Any, path: Path, run_id: str | None, cfg: Any) -> Path:
+    """The evaluation's card with the MLflow run it is logged to, written to ``path``."""
+    from rdml.eval.cards import write_card
+
+    card = dict(run_eval.info["card"])
+    if run_id is not None:
+        from rdml.tracking import uri_of
+
+        card["mlflow"] = {"run_id": run_id, "experiment": cfg.tracking.experiment,
+                          "tracking_uri": uri_of(run_id, cfg.tracking)}
+    run_eval.info["card"] = card
+    return write_card(card, path)
+
+
+def _write(out: Path, metrics: dict[str, Any], run: Any) -> list[Path]:
+    """The JSON, and beside it the per-query Parquet and the examples for `rdml report`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    files = [out]
+    rob = getattr(run, "robustness", None)
+    if rob is not None and rob.outcomes:
+        files.append(rob.write_parquet(out.with_suffix(".per_query.parquet")))
+    if rob is not None and rob.examples is not None:
+        import torch
+
+        ex = out.with_suffix(".examples.pt")
+        torch.save(rob.examples, ex)
+        files.append(ex)
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_queries is not None and args.max_queries <= 0:
         raise ConfigError("--max-queries must be a positive number of test samples")
-    metrics, result, cfg = evaluate_checkpoint(
-        args.checkpoint, args.profile, device=args.device, max_queries=args.max_queries, batch_size=args.batch_size,
-        seed=args.seed, curve=args.curve, masking_check=args.masking_check, examples=args.examples,
-        progress=not args.quiet,
-    )
-    _print_table(metrics, f"rdml evaluate {args.checkpoint}")
-    files: list[Path] = []
-    if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        files.append(out)
-        if result is not None and result.outcomes:
-            files.append(result.write_parquet(out.with_suffix(".per_query.parquet")))
-        if result is not None and result.examples is not None:
-            import torch
+    if args.intervals < 0:
+        raise ConfigError("--intervals must be 0 (no intervals) or a positive number of bootstrap resamples")
+    models: list[tuple[str, Any]] = [(str(path), None) for path in args.checkpoint]
+    if args.model is not None:
+        models.append((args.model, user_model_source(args.model, args.weights, args.data, args.config)))
+    elif args.weights or args.data or args.config:
+        raise ConfigError("--weights, --data and --config go with --model (a model rdml did not train); a checkpoint "
+                          "brings its own config and data set")
+    if not models:
+        raise ConfigError("nothing to evaluate: pass a checkpoint or run directory, or --model package.module:factory "
+                          "--data NAME")
+    surrogate = load_surrogate(args.surrogate)
+    before = _tracking_precheck if args.track else None
+    results, runs, cfgs = {}, [], []
+    for path, source in models:
+        metrics, run_eval, cfg = evaluate_checkpoint(
+            None if source is not None else path, args.profile, device=args.device, max_queries=args.max_queries,
+            batch_size=args.batch_size, seed=args.seed, curve=args.curve, masking_check=args.masking_check,
+            examples=args.examples, progress=not args.quiet, intervals=args.intervals, source=source,
+            surrogate=surrogate, before=before,
+        )
+        results[path], runs, cfgs = metrics, [*runs, run_eval], [*cfgs, cfg]
+    rows = dict(results)
+    if len(runs) > 1:
+        from rdml.eval.compare import combine
 
-            ex = out.with_suffix(".examples.pt")
-            torch.save(result.examples, ex)
-            files.append(ex)
+        combined = combine(runs, n_boot=args.intervals or 1000)
+        rows["mean over runs"] = {k: iv.value for k, iv in combined.items()}
+        rows["mean over runs"].update({f"ci.{k}.{side}": getattr(iv, side) for k, iv in combined.items()
+                                       for side in ("low", "high")})
+    _print_table(rows, f"rdml evaluate {' '.join(results)}")
+    for path, run_eval in zip(results, runs, strict=True):
+        for flag in run_eval.flags:
+            print(f"WARNING{f' ({path})' if len(runs) > 1 else ''}: {flag}")
+    files: list[Path] = []
+    out = Path(args.json_out) if args.json_out else None
+    if out is not None:
+        if len(runs) == 1:
+            files = _write(out, next(iter(results.values())), runs[0])
+        else:  # one JSON per run beside the combined one
+            per_run = {}
+            for i, (path, run_eval) in enumerate(zip(results, runs, strict=True)):
+                written = _write(out.with_name(f"{out.stem}.run{i}{out.suffix}"), results[path], run_eval)
+                per_run[str(path)] = written[0].name
+                files += written
+            out.write_text(json.dumps({"runs": per_run, "combined": rows["mean over runs"]}, indent=2, sort_keys=True))
+            files.append(out)
         print(f"wrote {', '.join(str(f) for f in files)}")
-    if args.track:
-        _track(args, cfg, metrics, files)
+    for i, ((path, metrics), run_eval, cfg) in enumerate(zip(results.items(), runs, cfgs, strict=True)):
+        run_id, created = _track_start(args, cfg, path) if args.track else (None, False)
+        card = _write_card(run_eval, _card_file(args, out, metrics, path, i, len(runs)), run_id, cfg)
+        print(f"wrote robustness card {card}")
+        if args.track:
+            _track(run_id, created, cfg, metrics, files, card)
     return 0

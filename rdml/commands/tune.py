@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 
+from rdml.commands.options import at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/hm_schedules.yaml")
-    parser.add_argument("--samples", type=int, default=None, help="trials to sample (default: the space's num_samples)")
+    parser.add_argument("--samples", type=at_least(1, "trials to sample"), default=None,
+                        help="trials to sample (default: the space's num_samples)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: ray.address or a local Ray)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

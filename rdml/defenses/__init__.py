@@ -1,7 +1,10 @@
 """Training-time defenses behind one interface (see :mod:`rdml.defenses.base`).
 
-``build_defense(defense_cfg, loss_cfg, loss)`` returns the configured :class:`Defense`; the training
-loop calls ``defense.step(model, images, labels, StepState(...))`` and never needs to know which one.
+Every defense is built with keyword arguments (its PGD budget and its own options), e.g.
+``HardnessManipulation(eps=77/255, alpha=3/255, steps=32, source="softhard", schedule="lga",
+ics_weight=0.5, margin=0.2)``; ``build_defense(defense_cfg, loss_cfg, loss)`` builds the configured one
+through the same constructor (:meth:`Defense.from_config`). The training loop calls
+``defense.step(model, images, labels, StepState(...))`` and never needs to know which one.
 
 | name  | what it does                                                          | cost (passes)      |
 |-------|-----------------------------------------------------------------------|--------------------|
@@ -10,6 +13,7 @@ loop calls ``defense.step(model, images, labels, StepState(...))`` and never nee
 | act   | collapse P and N onto each other, benign anchor                       | eta + 1            |
 | hm    | move each triplet's hardness to a destination (sampler / schedule)    | <= eta + 1 (+1 ICS)|
 | panum | one role per clean tuple perturbed vs detached refs, enlarged batch   | eta + 1            |
+| minmax| PGD maximising the metric loss (triplets fixed per step), then train  | eta + 1            |
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from rdml.defenses.act import AntiCollapseTriplet
 from rdml.defenses.base import Defense, DefenseOutput, StepState
 from rdml.defenses.est import EmbeddingShiftedTriplet
 from rdml.defenses.hm import HardnessManipulation
+from rdml.defenses.minmax import MinMax
 from rdml.defenses.none import NoDefense
 from rdml.defenses.panum import PanumRobust
 from rdml.errors import ConfigError
@@ -31,6 +36,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "act": AntiCollapseTriplet,
     "hm": HardnessManipulation,
     "panum": PanumRobust,
+    "minmax": MinMax,
 }
 
 
@@ -40,7 +46,8 @@ def build_defense(defense_cfg: DefenseConfig, loss_cfg: LossConfig, loss: nn.Mod
         cls = DEFENSES[defense_cfg.name]
     except KeyError:
         raise ConfigError(f"unknown defense {defense_cfg.name!r}; choose one of {', '.join(DEFENSES)}") from None
-    return cls(defense_cfg, loss_cfg, loss)
+    return cls.from_config(defense_cfg, loss_cfg, loss)
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseOutput", "StepState", "build_defense"]
+__all__ = ["DEFENSES", "AntiCollapseTriplet", "Defense", "DefenseOutput", "EmbeddingShiftedTriplet",
+           "HardnessManipulation", "MinMax", "NoDefense", "PanumRobust", "StepState", "build_defense"]

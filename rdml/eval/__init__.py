@@ -1,4 +1,5 @@
-"""Evaluation: embeddings, exact kNN on faiss, retrieval and clustering metrics (computed once, here)."""
+"""Evaluation: the protocol (which items query which), embeddings, exact kNN on faiss, retrieval and
+clustering metrics (computed once, here)."""
 
 from rdml.eval.clustering import (
     ari_score,
@@ -12,6 +13,7 @@ from rdml.eval.clustering import (
 from rdml.eval.embed import embed
 from rdml.eval.knn import knn
 from rdml.eval.metrics import benign_metrics, evaluate_model
+from rdml.eval.protocol import evaluation_sets
 from rdml.eval.retrieval import knn_metrics, metrics_from_ranks, positive_ranks, retrieval_metrics
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "clustering_metrics",
     "embed",
     "evaluate_model",
+    "evaluation_sets",
     "kmeans",
     "knn",
     "knn_metrics",

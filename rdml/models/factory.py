@@ -7,6 +7,9 @@ from rdml.models.base import EmbeddingModel
 from rdml.models.c2f2 import C2F2
 from rdml.models.resnet import ResNetEmbedding
 
+ARCHS = ("c2f2", "resnet18", "resnet50")
+"""The backbones :func:`build_model` builds (the config's allowed ``model.arch`` values)."""
+
 
 def build_model(cfg, in_channels: int, image_size: int) -> EmbeddingModel:
     """The model named by ``cfg.arch`` for images of ``in_channels`` x ``image_size`` x ``image_size``.

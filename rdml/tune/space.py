@@ -1,4 +1,8 @@
-"""Search spaces: YAML files in ``tune_spaces/`` turned into Ray Tune parameter spaces.
+"""Search spaces: YAML files (a path, or a shipped space by name) turned into Ray Tune parameter spaces.
+
+The shipped spaces are the repository's ``tune_spaces/*.yaml``, installed as the data-only package
+``rdml.tune_spaces`` and found with :mod:`importlib.resources`, so ``--space hm_schedules`` works the
+same in a checkout, an editable install and a normal install (see :func:`shipped_spaces`).
 
 A space file::
 
@@ -29,6 +33,7 @@ the schedules that do not use them ignore them.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,15 +217,48 @@ def validate_space(space: SearchSpace, extra_overrides: list[str] | tuple[str, .
     return base
 
 
-def load_space(source: str | Path, extra_overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchSpace, ExperimentConfig]:
-    """Load and validate a space file (a path, or the name of a file in ``tune_spaces/``)."""
+#: the package the shipped spaces are installed as (pyproject.toml maps it to ``tune_spaces/``)
+SHIPPED_PACKAGE = "rdml.tune_spaces"
+
+
+def shipped_spaces() -> dict[str, Path]:
+    """The shipped spaces by name (file stem), located inside the installed package, not the source tree."""
+    try:
+        root = resources.files(SHIPPED_PACKAGE)
+    except ModuleNotFoundError:  # an editable install made before the spaces became package data
+        raise ConfigError(
+            f"the shipped search spaces ({SHIPPED_PACKAGE}) are not installed: reinstall rdml "
+            "(pip install -e . in a checkout, or make venv)"
+        ) from None
+    # an installed or editable package lives on disk (pip does not install zipped), so the entry is a Path
+    return {entry.name[: -len(".yaml")]: Path(str(entry)) for entry in root.iterdir()
+            if entry.name.endswith(".yaml") and entry.is_file()}
+
+
+def resolve_space(source: str | Path) -> Path:
+    """The space file for ``source``: an existing YAML path, else a shipped space's name.
+
+    ``tune_spaces/NAME.yaml`` also resolves to the shipped ``NAME`` when no such file is in the current
+    directory, so the README's ``--space tune_spaces/hm_schedules.yaml`` works outside a checkout too.
+    """
     path = Path(source)
-    if not path.exists():
-        shipped = Path(__file__).resolve().parents[2] / "tune_spaces" / f"{source}.yaml"
-        if shipped.exists():
-            path = shipped
-        else:
-            raise ConfigError(f"search space {source!r} not found (give a YAML path, e.g. tune_spaces/hm_schedules.yaml)")
+    if path.is_file():
+        return path
+    name = str(source)
+    if path.suffix == ".yaml" and str(path.parent) in (".", "tune_spaces"):
+        name = path.stem
+    shipped = shipped_spaces()
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(
+        f"search space {str(source)!r} not found: give a YAML path or the name of a shipped space "
+        f"({', '.join(sorted(shipped))})"
+    )
+
+
+def load_space(source: str | Path, extra_overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchSpace, ExperimentConfig]:
+    """Load and validate a space file (a path, or the name of a shipped space, see :func:`resolve_space`)."""
+    path = resolve_space(source)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

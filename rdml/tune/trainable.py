@@ -36,14 +36,17 @@ def tune_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def quick_robustness(model: Any, cfg: ExperimentConfig, space: SearchSpace, test_set: Any, device: Any) -> dict[str, float]:
-    """ERS (and collapse flag) of ``model`` with the space's cheap attack profile."""
+def quick_robustness(model: Any, cfg: ExperimentConfig, space: SearchSpace, splits: Any, device: Any) -> dict[str, float]:
+    """ERS (and collapse flag) of ``model`` with the space's cheap attack profile, on the data set's
+    evaluation sets (:func:`rdml.eval.protocol.evaluation_sets`: In-Shop attacks queries against its gallery)."""
+    from rdml.eval.protocol import evaluation_sets
     from rdml.eval.robustness import evaluate_robustness
 
     rob = space.robustness
     assert rob is not None
-    res = evaluate_robustness(model, test_set, rob.profile, device=device, seed=cfg.eval.attack_seed,
-                              max_queries=rob.max_queries, progress=False)
+    queries, gallery = evaluation_sets(splits)
+    res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
+                              max_queries=rob.max_queries, progress=False, gallery=gallery)
     out = {"ers": float(res["ers"])} if "ers" in res else {}
     if "collapse" in res:
         out["collapse"] = float(res["collapse"])
@@ -57,7 +60,7 @@ class TuneReporter:
         self.cfg, self.space, self.run_id, self.device = cfg, space, run_id, device
         self._checkpoint: str | None = None
         self._robust: dict[str, float] = {}
-        self._test = None
+        self._splits = None
         self.last: dict[str, float] = {}
         self.final_reported = False
 
@@ -74,7 +77,7 @@ class TuneReporter:
             from rdml.train import load_model
 
             model, _ = load_model(self._checkpoint, device=self.device)
-            self._robust = quick_robustness(model, self.cfg, self.space, self.test_set(), self.device)
+            self._robust = quick_robustness(model, self.cfg, self.space, self.splits(), self.device)
             if self.run_id is not None:
                 from rdml.tracking import log_metrics
 
@@ -85,12 +88,12 @@ class TuneReporter:
         self.final_reported = last
         tune.report(report)  # raises SystemExit when the scheduler stops the trial
 
-    def test_set(self) -> Any:
-        if self._test is None:
+    def splits(self) -> Any:
+        if self._splits is None:
             from rdml.data import build_datasets
 
-            self._test = build_datasets(self.cfg.data).test
-        return self._test
+            self._splits = build_datasets(self.cfg.data)
+        return self._splits
 
 
 def trial_config(config: dict[str, Any]) -> tuple[ExperimentConfig, SearchSpace]:
@@ -179,7 +182,7 @@ def _ray_train_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | No
         model, _ = load_model(result.checkpoint, device="cpu")
         from rdml.data import build_datasets
 
-        rob = quick_robustness(model, cfg, space, build_datasets(cfg.data).test, "cpu")
+        rob = quick_robustness(model, cfg, space, build_datasets(cfg.data), "cpu")
         report.update(rob)
         if run_id is not None:
             from rdml.tracking import log_metrics
@@ -221,7 +224,7 @@ def _ensemble_trial(cfg: ExperimentConfig, space: SearchSpace, run_id: str | Non
     final = dict(reported)
     final.update(tune_metrics(result.metrics))
     if space.robustness is not None and result.model is not None:
-        rob = quick_robustness(result.model, cfg, space, splits.test, device)
+        rob = quick_robustness(result.model, cfg, space, splits, device)
         final.update(rob)
         if run_id is not None:
             log_metrics(run_id, {f"robust/{k}": v for k, v in rob.items()}, step=result.steps)
