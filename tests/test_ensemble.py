@@ -1,4 +1,4 @@
-"""EAT in one process: data parts, statistics record, combination, reductions, gradient checks."""
+"""EAT in one process: data parts, records, combination, the ensemble objective, self-transfer, checks."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from torch import nn
 
 from rdml.attacks.pgd import Budget, frozen_eval, pgd
 from rdml.config import build_config
-from rdml.data import SubsetDataset, build_datasets, make_train_loader
+from rdml.data import build_datasets
+from rdml.defenses.base import Craft
 from rdml.ensemble import (
     EnsembleModel,
-    ExchangedObjective,
+    Geometry,
     LocalEnsemble,
     RobustnessStats,
-    bytes_per_step,
-    chunk_losses,
-    ensemble_objective,
+    get_transfer,
+    gradient_allgather_bytes,
+    gradient_reduce_bytes,
     load_manifest,
     make_stats,
     member_subsets,
@@ -25,19 +26,17 @@ from rdml.ensemble import (
     stratified_parts,
     train_ensemble,
 )
-from rdml.losses import build_loss
-from rdml.models import build_model
-from rdml.train.optim import build_optimizer
+from rdml.ensemble.transfer.ensemble_gradient import EnsembleAdversary
 
 
-def eat_config(tmp_path=None, train: dict | None = None, **ensemble):
-    """A tiny digits EAT config (2 members x 2 parts, 3 steps); ``train``/``ensemble`` keys override."""
+def eat_config(tmp_path=None, train: dict | None = None, defense: dict | None = None, **ensemble):
+    """A tiny digits EAT config (2 minmax members x 2 parts, 3 steps); ``train``/``defense``/``ensemble`` keys override."""
     ens = {"members": 2, "parts": 2, "self_transfer": "ensemble_gradient", "steps_per_epoch": 3}
     ens.update(ensemble)
     return build_config({
         "data": {"name": "digits", "batch_pairs": 8},
         "model": {"arch": "c2f2", "embedding_dim": 16},
-        "defense": {"pgd": {"eps": 0.3, "alpha": 0.1, "steps": 2}},
+        "defense": {"name": "minmax", "pgd": {"eps": 0.3, "alpha": 0.15, "steps": 2}, **(defense or {})},
         "train": {"seed": 0, "epochs": 1, "eval_every": 0,
                   "output_dir": str(tmp_path / "runs") if tmp_path else "runs", **(train or {})},
         "ensemble": ens,
@@ -81,7 +80,7 @@ def test_member_subsets_modes():
 
 
 # ---------------------------------------------------------------------------------------- statistics
-def test_statistics_record_and_sizes():
+def test_statistics_record_and_exchange_volume():
     n = 6
     delta = (torch.rand(n, 1, 4, 4) * 2 - 1) * 0.3
     q, scale = quantise_perturbation(delta, 0.3)
@@ -94,11 +93,17 @@ def test_statistics_record_and_sizes():
     rec.schema = 99
     with pytest.raises(ValueError, match="schema"):
         rec.check()
-    sizes = bytes_per_step(112, 3, 224, "cross_member")
-    assert sizes["perturbation"] == 112 * 3 * 224 * 224 and sizes["total"] > sizes["perturbation"]
-    assert bytes_per_step(112, 3, 224, "none")["total"] < 4096
-    grad = bytes_per_step(112, 3, 224, "ensemble_gradient", members=3, pgd_steps=8)
-    assert grad["gradients"] > 8 * 3 * 112 * 3 * 224 * 224 * 2
+    # ResNet-18 at 224, batch 112, 8 PGD steps: the earlier all-gather published 836 MiB per member and step
+    before = gradient_allgather_bytes(112, 3, 224, members=3, pgd_steps=8)
+    assert round(before["published"] / 2**20) == 836 and before["received"] == 2 * before["published"]
+    reduce = gradient_reduce_bytes(112, 3, 224, members=3, pgd_steps=8)
+    assert reduce["received"] < before["received"]
+    weights = 11_500_000 * 4  # about ResNet-18 with a 512-d head, float32
+    after = get_transfer("ensemble_gradient").bytes_per_step(Geometry(112, 3, 224, 3, 8, weights))
+    assert after["published"] < before["published"] / 15 and after["received"] == 2 * after["published"]
+    cross = get_transfer("cross_member").bytes_per_step(Geometry(112, 3, 224, 3, 8, weights))
+    assert cross["published"] > 112 * 3 * 224 * 224
+    assert get_transfer("none").bytes_per_step(Geometry(112, 3, 224, 3, 8, weights)) == {"published": 0, "received": 0}
 
 
 # ---------------------------------------------------------------------------------------- combination
@@ -138,117 +143,68 @@ def test_identical_members_give_the_distances_of_one_member():
 
 
 # ---------------------------------------------------------------------------------------- D.7 gradient check
-class _Holder:
-    """Just what ensemble_objective needs from a member: model, loss, rng()."""
+def _pair_loss_objective(model, y):  # a smooth batch objective: minus (mean same-class sq. distance - others)
+    def objective(x):
+        emb = model(x)
+        d = torch.cdist(emb, emb) ** 2
+        same = (y.view(-1, 1) == y.view(1, -1)).to(emb)
+        return (-((d * same).mean() - (d * (1 - same)).mean()) / len(y)).expand(len(y))
 
-    def __init__(self, model, loss):
-        self.model, self.loss = model, loss
-
-    def rng(self):
-        import contextlib
-
-        return contextlib.nullcontext()
+    return objective
 
 
-def _pair_loss(emb, y):  # a smooth batch loss: mean squared distance of same-class pairs minus others
-    d = torch.cdist(emb, emb) ** 2
-    same = (y.view(-1, 1) == y.view(1, -1)).to(emb)
-    return (d * same).mean() - (d * (1 - same)).mean()
-
-
-def test_ensemble_gradient_is_mean_of_member_gradients_and_no_param_grad():
-    members = [_Holder(_tiny(s), _pair_loss) for s in range(3)]
+def test_ensemble_objective_is_the_mean_and_its_gradient_the_mean_gradient_no_param_grad():
+    """D.7: ensemble_gradient's objective is (1/M) sum_j J_j; its input gradient the members' mean gradient."""
+    models = [_tiny(s) for s in range(3)]
     x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
-    labels, sizes = [torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])], [3, 3]
-    objective = ensemble_objective(members, labels, sizes)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    craft = Craft(_pair_loss_objective(models[1], y), x, Budget(0.1, 0.02, 3), torch.arange(6),
+                  lambda model, _loss: _pair_loss_objective(model, y))
+    adversary = EnsembleAdversary([(0, models[0], None), (1, None, None), (2, models[2], None)])  # member 1's view
+    objective = adversary.objective(craft)
     xg = x.clone().requires_grad_(True)
     (g_ens,) = torch.autograd.grad(objective(xg).sum(), xg)
     grads = []
-    for m in members:
+    for m in models:
         xm = x.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad((-chunk_losses(m.model, m.loss, xm, labels, sizes)).sum(), xm)
+        (g,) = torch.autograd.grad(_pair_loss_objective(m, y)(xm).sum(), xm)
         grads.append(g)
     assert torch.allclose(g_ens, torch.stack(grads).mean(0), atol=1e-12)
-    # finite differences on a few coordinates
-    f = lambda z: float(objective(z).sum().detach())  # noqa: E731
+    f = lambda z: float(objective(z).sum().detach())  # noqa: E731 - finite differences on a few coordinates
     for idx in [(0, 0, 1, 2), (4, 0, 3, 3), (5, 0, 0, 0)]:
         e = torch.zeros_like(x)
         e[idx] = 1e-6
         fd = (f(x + e) - f(x - e)) / 2e-6
         assert abs(fd - float(g_ens[idx])) < 1e-6 * max(1.0, abs(fd)) + 1e-8
-    # the distributed form (own gradient + exchange) gives the same gradient
-    contributions = []
-    for m in members:
-        xm = x.clone().requires_grad_(True)
-        loss = -chunk_losses(m.model, m.loss, xm, labels, sizes)
-        (g,) = torch.autograd.grad(loss.sum(), xm)
-        contributions.append((loss.detach(), g))
-    own = members[0]
-    exchanged = ExchangedObjective(lambda z: -chunk_losses(own.model, own.loss, z, labels, sizes),
-                                   lambda losses, grad: [(losses, grad), *contributions[1:]])
-    xg = x.clone().requires_grad_(True)
-    (g_x,) = torch.autograd.grad(exchanged(xg).sum(), xg)
-    assert torch.allclose(g_x, g_ens, atol=1e-12)
-    # crafting leaves no parameter gradient behind
-    with frozen_eval(*[m.model for m in members]):
-        result = pgd(objective, x.float().double(), Budget(0.1, 0.02, 3))
-    assert all(p.grad is None for m in members for p in m.model.parameters())
-    assert (result.x_adv - x).abs().max() <= 0.1 + 1e-9
-
-
-# ---------------------------------------------------------------------------------------- reductions
-def test_single_member_equals_single_model_adversarial_training(splits):
-    """M=1, N=1 EAT (any mode) = single-model PGD-AT with the same seed: the same loss trajectory."""
-    cfg = eat_config(members=1, parts=1)
-    ens = LocalEnsemble(cfg, splits.train)
-    eat_losses = [ens.step(s)[0]["loss"] for s in range(4)]
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, 1, splits.train.image_size)
-    loss_fn = build_loss(cfg.loss, splits.train.num_classes, model.embedding_dim)
-    opt = build_optimizer(cfg, model, loss_fn)
-    full = SubsetDataset(splits.train, np.arange(len(splits.train)))
-    with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw is not part of training
-        batches = iter(make_train_loader(full, cfg.data, seed=cfg.train.seed, epoch=0))
-    budget = Budget.from_config(cfg.defense.pgd)
-    ref_losses = []
-    for _ in range(4):
-        with torch.random.fork_rng(devices=[]):
-            x, y, _ = next(batches)
-        with frozen_eval(model, loss_fn):
-            gen = torch.Generator().manual_seed(0)
-            x_adv = pgd(lambda z, y=y: -loss_fn(model(z), y).expand(len(y)) / len(y), x, budget, generator=gen).x_adv
-        model.train()
-        loss = loss_fn(model(x_adv), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ref_losses.append(float(loss))
-    assert eat_losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
-    assert ref_losses[0] != ref_losses[-1]
+    with frozen_eval(models[1]):  # the defense freezes its own model; the adversary freezes the replicas
+        result = adversary(craft)
+    assert all(p.grad is None for m in models for p in m.parameters())
+    assert all(p.requires_grad for m in models for p in m.parameters())  # frozen only while crafting
+    assert (result.x_adv - x).abs().max() <= 0.1 + 1e-9 and result.passes == 3 * 3  # 3 members x 3 iterations
 
 
 def test_none_never_reads_other_members_statistics(splits):
-    for mode, reads in (("none", False), ("cross_member", True)):
+    for mode, reads in (("none", False), ("cross_member", True), ("ensemble_gradient", True)):
         ens = LocalEnsemble(eat_config(members=3, parts=3, self_transfer=mode), splits.train)
         ens.step(0)
+        ens.step(1)
         assert all((m.stats_reads > 0) == reads for m in ens.members), mode
-    with pytest.raises(ValueError, match="must not receive"):
-        none = LocalEnsemble(eat_config(self_transfer="none"), splits.train)
-        none.step(0)
-        none.members[0].draw()
-        none.members[0].craft_own(1)
-        none.members[0].update(none.last_stats[1:])
+        if mode == "none":
+            assert ens.last_records == [None, None, None]
 
 
-def test_cross_member_trains_on_transferred_examples(splits):
+def test_cross_member_trains_on_the_examples_the_others_crafted(splits):
     ens = LocalEnsemble(eat_config(members=2, parts=2, self_transfer="cross_member"), splits.train)
-    metrics = ens.step(0)
-    assert all("loss_transfer" in m for m in metrics)
-    rec = ens.last_stats[1]
-    assert rec.perturbation is not None and rec.perturbation.dtype == np.int8
-    x_t, y_t = ens.members[0].transferred_batch([rec])
-    assert x_t.shape[0] == len(ens.members[0].batch[1]) and set(y_t.tolist()) <= set(rec.labels.tolist())
+    first = ens.step(0)
+    assert all("loss_transfer" not in m for m in first)  # nothing crafted before step 0
+    second = ens.step(1)
+    assert all("loss_transfer" in m and m["passes"] == 2 + 1 + 1 for m in second)  # T + 1 + the transferred batch
+    rec = ens.last_records[1]  # what member 1 crafted at step 0, read by member 0 at step 1
+    assert rec.step == 0 and rec.member == 1 and rec.perturbation is not None and rec.perturbation.dtype == np.int8
+    assert float(np.abs(rec.delta().numpy()).max()) <= 0.3 + 1e-6
+    x_t, y_t = ens.members[0].transfer.transferred([rec], 16, torch.Generator().manual_seed(0))
+    assert x_t.shape[0] == 16 and set(y_t.tolist()) <= set(rec.labels.tolist())
+    assert (y_t[0::2] == y_t[1::2]).all()  # class pairs kept intact: the SPC-2 layout of the member's batch
     assert float(x_t.min()) >= 0 and float(x_t.max()) <= 1
 
 
@@ -279,6 +235,24 @@ def test_gradient_masking_guard(splits):
         noise = damage((x + 0.3 * (torch.rand_like(x) * 2 - 1)).clamp(0, 1))
     assert on_ensemble >= max(transferred) - 1e-6
     assert on_ensemble > noise
+
+
+def test_transfer_guard_on_the_combined_embedding(splits):
+    """rdml.ensemble.guard: the ES attack crafted on the ensemble vs transferred from each member, on the whole set."""
+    from rdml.ensemble.guard import transfer_guard
+
+    ens = LocalEnsemble(eat_config(members=3, parts=3, self_transfer="none"), splits.train)
+    for s in range(2):
+        ens.step(s)
+    model = ens.ensemble_model().eval()
+    out = transfer_guard(model, splits.test, steps=10, alpha=0.05, max_items=64, n_boot=100)
+    assert set(out["sources"]) == {"ensemble", "member_0", "member_1", "member_2"} and out["items"] == 64
+    own = out["sources"]["ensemble"]
+    assert own["shift_low"] <= own["shift"] <= own["shift_high"]
+    best = max(v["shift"] for k, v in out["sources"].items() if k != "ensemble")
+    assert out["holds_shift"] == (own["shift_high"] >= best) and out["holds"]  # crafted on the combination: no weaker
+    assert own["nmi"] < min(v["nmi"] for k, v in out["sources"].items() if k != "ensemble")
+    assert all(0 <= v["nmi"] <= 1 and 0 <= v["recall@1"] <= 1 for v in out["sources"].values())
 
 
 # ---------------------------------------------------------------------------------------- checkpoints, resume

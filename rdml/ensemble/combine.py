@@ -1,6 +1,6 @@
 """The ensemble's embedding: one ``nn.Module`` that every evaluation and attack can use.
 
-``concat`` (default, eat-panum A.4): g(x) = [f_1(x), ..., f_M(x)] / sqrt(M) with each f_m
+``concat`` (default, docs/methods.md#eat-ke-2025): g(x) = [f_1(x), ..., f_M(x)] / sqrt(M) with each f_m
 L2-normalised, so g is unit-norm and ||g(x) - g(x')||^2 is the *mean* of the members' squared
 distances; an ensemble of identical members therefore has exactly the distances of one member.
 ``mean``: normalise(mean_m f_m(x)).

@@ -1,19 +1,25 @@
-"""One EAT member: its model, loss, optimiser, data, and the adversarial training step.
+"""One EAT member: a single model trained exactly as ``rdml train`` trains it, plus a self-transfer strategy.
 
-A :class:`Member` knows nothing about Ray: the in-process ensemble (:mod:`rdml.ensemble.local`),
-the Ray actors (:mod:`rdml.distributed.eat`) and the tests all drive the same object. Each member
-keeps its own torch RNG stream (:meth:`Member.rng`), so members stepped in turn in one process
-draw exactly the random numbers they would draw in their own actor processes.
+A member's update *is* the training loop's step (:func:`rdml.train.fit`): ``Defense.train_step`` of
+the configured defense (none, est, act, hm with any schedule and ICS, panum, minmax), the loss checked
+for NaN/inf, back-propagated, clipped, one optimiser step; the epoch's randomness reseeded from
+``(seed, epoch)`` as ``fit`` reseeds it, the scheduler stepped at each epoch end. With one member on
+the whole training set (``ensemble.members=1``, ``ensemble.parts=1``) it takes the same steps as
+``rdml train`` with the same seed (``tests/test_ensemble_modes.py``).
 
-A step is split into phases so the coordinator can put the exchange between them:
+Self-transfer never adds a second training step: the member's strategy
+(:mod:`rdml.ensemble.transfer`) reads the other members' records and sets the step's hooks
+(:class:`rdml.defenses.base.StepState` ``adversary`` and ``extra``): what the defense's adversary
+optimises and which extra examples the step trains on.
 
-1. :meth:`draw` the next batch of the member's data subset;
-2. craft adversarial examples: white-box on its own loss (:meth:`craft_own`; modes ``none`` and
-   ``cross_member``), or set from an ensemble-gradient PGD run on all members' batches
-   (:meth:`set_adversarial`; mode ``ensemble_gradient``);
-3. :meth:`update` with L_m = w * L(f_m(x)) + (1 - w) * L(f_m(x_adv)) (w = ``ensemble.clean_weight``);
-   in ``cross_member`` the adversarial term is the mean of the member's own adversarial loss and the
-   loss on examples transferred from the other members' statistics (:meth:`transferred_batch`).
+The exchange (what a backend does, :mod:`rdml.ensemble.exchange`): before every step each member
+:meth:`publish` es a record, then :meth:`step` receives the records of all the other members. A
+member knows nothing about Ray: the in-process backend (:class:`rdml.ensemble.local.LocalEnsemble`)
+and the Ray actors (:mod:`rdml.distributed.eat`) drive the same object.
+
+Randomness: member m is seeded with ``train.seed + 1000 m`` and keeps its own global RNG state
+(python, numpy, torch: :meth:`rng`), swapped in for the duration of each of its steps, so members
+stepped in turn in one process draw exactly what they draw in their own processes.
 """
 
 from __future__ import annotations
@@ -27,31 +33,49 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rdml.attacks.pgd import Budget, frozen_eval, pgd
 from rdml.config import ExperimentConfig
 from rdml.data import SubsetDataset, make_train_loader
-from rdml.ensemble.objectives import per_sample_stats
-from rdml.ensemble.stats import RobustnessStats, make_stats, quantise_perturbation
+from rdml.defenses import build_defense
+from rdml.defenses.base import StepState
+from rdml.errors import ConfigError, TrainingDivergedError
 from rdml.losses import build_loss
 from rdml.models import build_model
 from rdml.train.optim import build_optimizer, build_scheduler
-from rdml.train.seeding import derive_seed
-
-SELF_TRANSFER_MODES = ("ensemble_gradient", "cross_member", "none")
+from rdml.train.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 
 
 def member_seed(cfg: ExperimentConfig, member_id: int) -> int:
-    """Member 0 uses ``train.seed`` itself (so M=1 reduces to single-model training)."""
+    """Member 0 uses ``train.seed`` itself (so one member reduces to single-model training)."""
     return int(cfg.train.seed) + 1000 * int(member_id)
 
 
-def step_generator(cfg: ExperimentConfig, step: int) -> torch.Generator:
-    """PGD random-start generator of an ensemble step, identical in every member process."""
-    return torch.Generator().manual_seed(derive_seed(cfg.train.seed, step, 7))
+def pass_length(cfg: ExperimentConfig, train_set, indices: np.ndarray, member_id: int) -> int:
+    """Batches in one pass of member ``member_id`` over its subset."""
+    subset = SubsetDataset(train_set, indices)
+    return len(make_train_loader(subset, cfg.data, seed=member_seed(cfg, member_id), epoch=0))
+
+
+def ensemble_steps_per_epoch(cfg: ExperimentConfig, pass_lengths: Sequence[int]) -> int:
+    """Steps per ensemble epoch: ``ensemble.steps_per_epoch``, else ``train.max_steps_per_epoch`` (capped at a
+    pass, as ``rdml train`` caps it), else the shortest member's pass. Every member takes that many steps of its
+    own loader per epoch, so all members' epochs (seeds, schedulers) stay aligned."""
+    shortest = min(pass_lengths)
+    wanted = cfg.ensemble.steps_per_epoch
+    if wanted is not None:
+        if wanted > shortest:
+            raise ConfigError(
+                f"ensemble.steps_per_epoch={wanted} is more than a member's pass over its data subset "
+                f"({shortest} batches of {2 * cfg.data.batch_pairs if cfg.data.batch_sampler == 'pairs' else 'm-per-class'} "
+                f"images); set ensemble.steps_per_epoch <= {shortest} or leave it unset (one pass per epoch)"
+            )
+        return int(wanted)
+    if cfg.train.max_steps_per_epoch is not None:
+        return min(shortest, int(cfg.train.max_steps_per_epoch))
+    return shortest
 
 
 class Member:
-    """Model + loss + optimiser + data subset + adversarial step of one ensemble member."""
+    """Model, loss, defense, optimiser and data subset of one member; steps like ``rdml train`` (module doc)."""
 
     def __init__(
         self,
@@ -60,7 +84,12 @@ class Member:
         train_set,
         indices: np.ndarray,
         device: str | torch.device = "cpu",
+        *,
+        steps_per_epoch: int,
+        transfer: type | None = None,
     ) -> None:
+        from rdml.ensemble.transfer import get_transfer
+
         self.cfg = cfg
         self.id = int(member_id)
         self.device = torch.device(device)
@@ -68,191 +97,110 @@ class Member:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.subset = SubsetDataset(train_set, self.indices)
         self.seed = member_seed(cfg, member_id)
-        self.mode = cfg.ensemble.self_transfer
-        self.budget = Budget.from_config(cfg.defense.pgd)
-        self._rng_state = torch.Generator().manual_seed(self.seed).get_state()
-        with self.rng():
+        self.steps_per_epoch = int(steps_per_epoch)
+        outside = rng_state()
+        try:  # what fit does before the first epoch: seed, then build model, loss (proxies), defense
+            seed_everything(derive_seed(self.seed))
             self.model = build_model(cfg.model, train_set.in_channels, train_set.image_size).to(self.device)
             self.loss = build_loss(cfg.loss, train_set.num_classes, self.model.embedding_dim).to(self.device)
+            self.defense = build_defense(cfg.defense, cfg.loss, self.loss)
+            self._rng: dict[str, Any] = rng_state()
+        finally:
+            set_rng_state(outside)
         self.optimizer = build_optimizer(cfg, self.model, self.loss)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.epoch = 0
-        self.pos = 0  # batches drawn in the current epoch
-        self.steps = 0  # updates taken
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.transfer = (transfer or get_transfer(cfg.ensemble.self_transfer))(self)
+        self.global_step = 0  # updates taken
         self.stats_reads = 0  # records of other members read (stays 0 in mode `none`)
-        self._iter: Iterator | None = None
-        self._batch: tuple[Tensor, Tensor, Tensor] | None = None
-        self._x_adv: Tensor | None = None
-        self._own_stats: dict[str, Tensor] | None = None
+        self.generator: torch.Generator | None = None
+        self._it: Iterator | None = None
+        self._resume: dict[str, Any] | None = None  # RNG states to restore after reopening an epoch mid-way
         self.timing: dict[str, float] = {}
 
     # ------------------------------------------------------------------ randomness
     @contextlib.contextmanager
     def rng(self) -> Iterator[None]:
-        """Swap in this member's torch RNG stream for the duration of the block."""
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self._rng_state)
+        """Swap in this member's global RNG state (python, numpy, torch) for the duration of the block."""
+        outside = rng_state()
+        set_rng_state(self._rng)
         try:
             yield
         finally:
-            self._rng_state = torch.get_rng_state()
-            torch.set_rng_state(saved)
+            self._rng = rng_state()
+            set_rng_state(outside)
 
     # ------------------------------------------------------------------ data
-    def steps_per_epoch(self) -> int:
-        """Batches in one pass over this member's subset."""
-        return len(make_train_loader(self.subset, self.cfg.data, seed=self.seed, epoch=0))
+    def _open_epoch(self, epoch: int, pos: int) -> None:
+        """Reseed and build epoch ``epoch``'s loader, positioned after ``pos`` batches (as ``fit`` does)."""
+        seed_everything(derive_seed(self.seed, epoch, 0))
+        self.generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0, 1))
+        loader = make_train_loader(self.subset, self.cfg.data, seed=self.seed, epoch=epoch, skip=pos)
+        self._it = iter(loader)  # draws a base seed from the global RNG: restore the saved states after it
+        if self._resume is not None and pos > 0:
+            set_rng_state(self._resume["rng"])
+            self.generator.set_state(self._resume["generator"])
+        self._resume = None
 
-    def _loader_iter(self) -> Iterator:
-        loader = make_train_loader(self.subset, self.cfg.data, seed=self.seed, epoch=self.epoch)
-        it = iter(loader)
-        for _ in range(self.pos):  # resume mid-epoch: skip what was already drawn
-            next(it)
-        return it
+    def _next_batch(self, epoch: int, pos: int) -> tuple[Tensor, Tensor, Tensor]:
+        if pos == 0 or self._it is None:
+            self._open_epoch(epoch, pos)
+        try:
+            x, y, ids = next(self._it)
+        except StopIteration:  # ensemble_steps_per_epoch keeps every epoch within one pass
+            raise RuntimeError(f"member {self.id}: its loader ran out at step {pos} of epoch {epoch}") from None
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), ids.to(torch.int64)
 
-    def draw(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The next (images, labels, sample ids) of the member's subset; a new epoch when exhausted."""
-        # A DataLoader iterator draws a base seed from torch's global RNG; batches are a function of
-        # (seed, epoch) alone, so that draw is discarded to keep the member's stream (and resumes) exact.
-        with torch.random.fork_rng(devices=[]):
-            if self._iter is None:
-                self._iter = self._loader_iter()
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                self.epoch += 1
-                self.pos = 0
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                self._iter = self._loader_iter()
-                batch = next(self._iter)
-        self.pos += 1
-        x, y, ids = batch
-        self._batch = (x.to(self.device), y.to(self.device), ids.to(torch.int64))
-        self._x_adv = None
-        return self._batch
+    # ------------------------------------------------------------------ the exchange and the step
+    def publish(self) -> Any:
+        """The record this member shares with the others before its next step (None: nothing to share)."""
+        record = self.transfer.publish()
+        if record is not None:
+            self.timing["published_bytes"] = float(record.nbytes)
+        return record
 
-    @property
-    def batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self._batch is None:
-            raise RuntimeError("draw() a batch first")
-        return self._batch
-
-    # ------------------------------------------------------------------ crafting
-    def own_objective(self, labels: Sequence[Tensor], sizes: Sequence[int]):
-        """Minus this member's chunk losses (see :func:`rdml.ensemble.objectives.chunk_losses`)."""
-        from rdml.ensemble.objectives import chunk_losses
-
-        def objective(x: Tensor) -> Tensor:
-            with self.rng():
-                return -chunk_losses(self.model, self.loss, x, labels, sizes)
-
-        return objective
-
-    def craft_own(self, step: int) -> RobustnessStats:
-        """White-box PGD on the member's own loss (modes ``none``, ``cross_member``); returns its record."""
-        x, y, _ = self.batch
+    def step(self, step: int, others: Sequence[Any] = ()) -> dict[str, float]:
+        """One training step (ensemble step ``step``) given the other members' records; returns its statistics."""
+        if step != self.global_step:
+            raise RuntimeError(f"member {self.id} is at step {self.global_step}, asked to take step {step}")
+        records = [r for r in others if r is not None]
+        self.stats_reads += len(records)
         t0 = time.perf_counter()
-        with frozen_eval(self.model, self.loss):
-            result = pgd(self.own_objective([y], [len(y)]), x, self.budget, generator=step_generator(self.cfg, step))
-        self.timing["craft"] = time.perf_counter() - t0
-        return self.set_adversarial(result.x_adv, result.iterations, step)
-
-    def set_adversarial(self, x_adv: Tensor, iterations: Tensor, step: int) -> RobustnessStats:
-        """Adopt adversarial examples for the current batch and compute this step's record."""
-        x, y, ids = self.batch
-        self._x_adv = x_adv.detach().to(self.device)
-        with frozen_eval(self.model), torch.no_grad():
-            emb_adv, emb_clean = self.model(self._x_adv), self.model(x)
-        stats = per_sample_stats(emb_adv, emb_clean, y, self.cfg.loss.margin)
-        self._own_stats = stats
-        perturbation = None
-        if self.mode == "cross_member":
-            perturbation = quantise_perturbation(self._x_adv - x, self.budget.eps)
-        return make_stats(self.id, step, ids, y, stats["adv_loss"], stats["hardness"], stats["shift"],
-                          iterations, perturbation=perturbation)
-
-    # ------------------------------------------------------------------ self-transfer
-    def _group_size(self) -> int:
-        return 2 if self.cfg.data.batch_sampler == "pairs" else int(self.cfg.data.m_per_class)
-
-    def transferred_batch(self, others: Sequence[RobustnessStats]) -> tuple[Tensor, Tensor]:
-        """Examples crafted by the other members, re-applied to the clean images, chosen by hardness.
-
-        The candidates are the other members' adversarial batches (clean image reloaded by sample id
-        + their de-quantised perturbation, clipped to [0,1]). Class groups (SPC-2 pairs, or the
-        m-per-class groups) are kept intact so any metric loss applies; as many groups as the
-        member's own batch holds are drawn without replacement with probability
-        softmax(group mean adversarial loss / ``ensemble.transfer_temperature``): the ensemble's
-        per-sample statistics decide which transferred examples the member trains on.
-        """
-        self.stats_reads += len(others)
-        g = self._group_size()
-        images, labels, scores = [], [], []
-        for rec in others:
-            rec.check()
-            delta = rec.delta()
-            clean = torch.stack([self.train_set[int(i)][0] for i in rec.sample_ids])
-            x_hat = (clean + delta).clamp(0.0, 1.0)
-            n = (len(rec.sample_ids) // g) * g
-            images.append(x_hat[:n].view(n // g, g, *x_hat.shape[1:]))
-            labels.append(torch.from_numpy(rec.labels[:n]).view(n // g, g))
-            scores.append(torch.from_numpy(rec.adv_loss[:n].astype(np.float32)).view(n // g, g).mean(1))
-        images_t, labels_t, scores_t = torch.cat(images), torch.cat(labels), torch.cat(scores)
-        k = min(len(self.batch[1]) // g, len(scores_t))
-        probs = torch.softmax(scores_t / self.cfg.ensemble.transfer_temperature, dim=0)
+        epochs = max(self.cfg.train.epochs, 1)
+        epoch, pos = divmod(step, self.steps_per_epoch)
         with self.rng():
-            chosen = torch.multinomial(probs, k, replacement=False)
-        x_t = images_t[chosen].flatten(0, 1).to(self.device)
-        y_t = labels_t[chosen].flatten(0, 1).to(self.device)
-        return x_t, y_t
-
-    # ------------------------------------------------------------------ update
-    def update(self, others: Sequence[RobustnessStats] = ()) -> dict[str, float]:
-        """One optimiser step on L_m (module doc). ``others`` is read only in ``cross_member``."""
-        if self._x_adv is None:
-            raise RuntimeError("craft adversarial examples before update()")
-        if others and self.mode != "cross_member":
-            raise ValueError(f"self_transfer={self.mode} must not receive other members' statistics")
-        x, y, _ = self.batch
-        w = self.cfg.ensemble.clean_weight
-        t0 = time.perf_counter()
-        transferred = self.transferred_batch(others) if others else None
-        self.model.train()
-        self.loss.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.rng():
-            adv_loss = self.loss(self.model(self._x_adv), y)
-            metrics = {"loss_adv": float(adv_loss.detach())}
-            if transferred is not None:
-                t_loss = self.loss(self.model(transferred[0]), transferred[1])
-                metrics["loss_transfer"] = float(t_loss.detach())
-                adv_loss = 0.5 * (adv_loss + t_loss)
-            total = (1.0 - w) * adv_loss
-            if w > 0:
-                clean_loss = self.loss(self.model(x), y)
-                metrics["loss_clean"] = float(clean_loss.detach())
-                total = total + w * clean_loss
-        if not torch.isfinite(total):
-            from rdml.errors import TrainingDivergedError
-
-            raise TrainingDivergedError(
-                f"member {self.id}: loss became {float(total)} at step {self.steps}; lower train.lr or "
-                "resume from the last ensemble checkpoint"
-            )
-        total.backward()
-        if self.cfg.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self.loss.parameters()],
-                                           self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        self.timing["update"] = time.perf_counter() - t0
-        metrics["loss"] = float(total.detach())
-        if self._own_stats is not None:
-            metrics["adv_hinge"] = float(self._own_stats["adv_loss"].mean())
-            metrics["shift"] = float(self._own_stats["shift"].mean())
-        return metrics
+            self.model.train()  # fit trains in train mode; an evaluation in between may have left eval mode
+            self.loss.train()
+            x, y, ids = self._next_batch(epoch, pos)
+            state = StepState(step=step, epoch=epoch, progress=(epoch + pos / self.steps_per_epoch) / epochs,
+                              generator=self.generator)
+            self.transfer.hooks(records, state, (x, y, ids))
+            out = self.defense.train_step(self.model, x, y, state)
+            loss_value = out.loss.detach()
+            if not bool(torch.isfinite(loss_value)):
+                raise TrainingDivergedError(
+                    f"member {self.id}: the loss became {float(loss_value)} at step {step} (epoch {epoch}); lower "
+                    f"train.lr (now {self.cfg.train.lr:g}) or set train.grad_clip=1.0, and resume from the last "
+                    "ensemble checkpoint (`rdml ensemble --resume RUN_DIR --set train.lr=...`)"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if self.cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+            self.optimizer.step()
+            self.transfer.finish()
+        self.global_step += 1
+        if pos + 1 == self.steps_per_epoch:  # the epoch ends: as fit, step the scheduler, check the weights
+            self._it = None
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if not all(bool(torch.isfinite(p).all()) for p in self.params):
+                raise TrainingDivergedError(
+                    f"member {self.id}: the weights contain NaN/inf after epoch {epoch}; lower train.lr and resume "
+                    "from the last ensemble checkpoint"
+                )
+        self.timing["step"] = time.perf_counter() - t0
+        return {**{k: float(v) for k, v in out.stats.items()}, "loss": float(loss_value), "passes": float(out.passes)}
 
     # ------------------------------------------------------------------ state
     def model_state(self) -> dict[str, Tensor]:
@@ -260,30 +208,44 @@ class Member:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this member is (checkpoints)."""
+        """Everything needed to continue exactly where this member is (checkpoints).
+
+        Tensors and plain values only (the data indices as an int64 tensor), so member files load with
+        ``torch.load(weights_only=True)``.
+        """
         return {
             "member": self.id,
             "model": self.model_state(),
             "loss": {k: v.detach().cpu() for k, v in self.loss.state_dict().items()},
+            "defense": self.defense.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "rng": self._rng_state.clone(),
-            "epoch": self.epoch,
-            "pos": self.pos,
-            "steps": self.steps,
-            "indices": self.indices,
+            "rng": self._rng,
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "steps": self.global_step,
+            "indices": torch.from_numpy(self.indices.copy()),
+            "transfer": self.transfer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["member"]) != self.id:
             raise ValueError(f"checkpoint of member {state['member']} loaded into member {self.id}")
-        if not np.array_equal(np.asarray(state["indices"]), self.indices):
+        if "defense" not in state or not isinstance(state.get("rng"), dict):
+            raise ConfigError(f"member {self.id}: this member file was written by an older rdml (members trained "
+                              "plain min-max whatever defense.name said); it can be evaluated, not resumed: start a "
+                              "new `rdml ensemble` run")
+        indices = state["indices"]
+        if not np.array_equal(indices.numpy() if isinstance(indices, Tensor) else np.asarray(indices), self.indices):
             raise ValueError(f"member {self.id}: checkpoint data subset differs (different ensemble.parts/split/seed)")
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
+        self.defense.load_state_dict(state["defense"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self._rng_state = state["rng"].clone()
-        self.epoch, self.pos, self.steps = int(state["epoch"]), int(state["pos"]), int(state["steps"])
-        self._iter, self._batch, self._x_adv = None, None, None
+        self._rng = state["rng"]
+        self.global_step = int(state["steps"])
+        self.transfer.load_state_dict(state.get("transfer") or {})
+        self._it = None
+        self._resume = {"rng": state["rng"], "generator": state["generator"]} if state.get("generator") is not None \
+            else None

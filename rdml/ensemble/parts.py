@@ -1,7 +1,7 @@
 """EAT's data diversity: N class-stratified data parts and each member's combination of them.
 
 EAT (Ke, 2025) obtains diverse members by splitting the training set into N parts and training each
-member on "a combination of these parts" (eat-panum A.5-b). The split is *within* each class (every
+member on "a combination of these parts" (docs/methods.md#eat-ke-2025). The split is *within* each class (every
 class's samples are shuffled and dealt into N parts), so every member sees every training class and,
 with proxy-anchor, every proxy of every member receives positive gradients. Splitting *by class* would
 leave proxies untrained, which is why it is not offered.

@@ -20,8 +20,9 @@ def default_profiles(cfg: ExperimentConfig, image_size: int) -> list[str]:
 
 
 def robustness_of(models: dict[str, Any], dataset, cfg: ExperimentConfig, profiles: Sequence[str],
-                  device: str = "cpu") -> dict[str, dict[str, float]]:
-    """``{model name: {metric: value}}`` for every model under every profile (white-box, end to end)."""
+                  device: str = "cpu", intervals: int = 1000, gallery=None) -> dict[str, dict[str, float]]:
+    """``{model name: {metric: value}}`` for every model under every profile (white-box, end to end),
+    with bootstrap 95% intervals over the attacked queries (``ci.<key>.low/high``)."""
     from rdml.eval.robustness import evaluate_robustness
 
     out: dict[str, dict[str, float]] = {}
@@ -30,7 +31,7 @@ def robustness_of(models: dict[str, Any], dataset, cfg: ExperimentConfig, profil
         for profile in profiles:
             result = evaluate_robustness(model.eval(), dataset, profile, device=device, seed=cfg.eval.attack_seed,
                                          max_queries=cfg.eval.max_queries, batch_size=cfg.data.eval_batch_size,
-                                         progress=False)
+                                         progress=False, intervals=intervals, gallery=gallery)
             row.update({k: float(v) for k, v in result.items()})
         out[name] = row
     return out
@@ -40,11 +41,17 @@ _CLEAN_ROWS = ("recall@1", "map@r", "nmi", "ari")
 
 
 def table_rows(benign: dict[str, float], robust: dict[str, dict[str, float]], names: Sequence[str]
-               ) -> list[tuple[str, list[float | None]]]:
-    """Rows (metric, value per model) for the summary table: clean, ERS attacks, clustering attacks."""
-    rows: list[tuple[str, list[float | None]]] = []
+               ) -> list[tuple[str, list[str]]]:
+    """Rows (metric, display cell per model) for the summary table: clean, ERS attacks, clustering attacks.
+
+    Units and display come from the metric registry (:mod:`rdml.metrics`: fractions shown in %);
+    attack numbers carry their bootstrap interval when the evaluation computed one.
+    """
+    from rdml.metrics import show, show_interval
+
+    rows: list[tuple[str, list[str]]] = []
     for key in _CLEAN_ROWS:
-        rows.append((f"clean {key}", [benign.get(f"{n}/{key}") for n in names]))
+        rows.append((f"clean {key}", [show(key, benign.get(f"{n}/{key}")) for n in names]))
     keys: list[str] = []
     for row in robust.values():
         for k in row:
@@ -52,19 +59,19 @@ def table_rows(benign: dict[str, float], robust: dict[str, dict[str, float]], na
                                   or (k.startswith("clustering.") and k.endswith((".nmi", ".recall@1")))):
                 keys.append(k)
     for key in keys:
-        rows.append((key, [robust.get(n, {}).get(key) for n in names]))
+        rows.append((key, [show_interval(robust.get(n, {}), key) if key in robust.get(n, {}) else "—" for n in names]))
     return rows
 
 
-def print_table(title: str, rows: list[tuple[str, list[float | None]]], names: Sequence[str]) -> None:
+def print_table(title: str, rows: list[tuple[str, list[str]]], names: Sequence[str]) -> None:
     """A rich table (plain text when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title + "  (fractions in %; brackets: bootstrap 95% intervals)")
     table.add_column("metric")
     for n in names:
         table.add_column(n, justify="right")
-    for label, values in rows:
-        table.add_row(label, *["-" if v is None else f"{v:.3f}" if abs(v) <= 1.5 else f"{v:.1f}" for v in values])
-    Console(width=max(100, 22 + 12 * len(names))).print(table)
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    Console(width=max(100, 22 + 22 * len(names))).print(table)
