@@ -53,8 +53,10 @@ def test_evidence_command_runs_in_resumable_parts_and_writes_the_doc(tmp_path):
     assert set(state["runs"]) == {"ens-none-s0", "ens-ensemble_gradient-s0", "single-s0"}
     done = state["done"]
     none, grad = done["train:ens-none:s0"]["passes_per_member"], done["train:ens-ensemble_gradient:s0"]["passes_per_member"]
-    assert none == grad  # 5 steps x (2 + 1) = 3 steps x (2 x 2 + 1): equal passes per member, measured
-    assert done["train:single:s0"]["passes_per_member"] == 2 * none  # the ensemble's total compute
+    # equal passes per member, measured, up to rounding the schedule to whole steps: one none step costs
+    # 2 PGD iterations + 1 update, one ensemble_gradient step 2 x 2 + 1, one single-model step 2 + 1
+    assert abs(none - grad) < 2 * 2 + 1, (none, grad)
+    assert abs(done["train:single:s0"]["passes_per_member"] - 2 * none) < 2 + 1  # the ensemble's total compute
     assert {"eval:ens-none:ensemble:s0", "eval:ens-none:member_1:s0", "eval:single:single:s0",
             "guard:ens-ensemble_gradient:s0"} <= set(done)
     text = doc.read_text()

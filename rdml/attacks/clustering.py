@@ -83,7 +83,9 @@ def kmeans_centroids(emb: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
     import faiss
 
     x = np.ascontiguousarray(emb.detach().cpu().numpy().astype(np.float32))
-    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, verbose=False)
+    # min_points_per_centroid=1 only silences faiss's "please provide at least ... points" warning on the
+    # small attacked sets (it changes no result); the sampling cap stays faiss's default
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, verbose=False, min_points_per_centroid=1)
     km.train(x)
     _, assign = km.index.search(x, 1)
     return torch.from_numpy(km.centroids).to(emb), torch.from_numpy(assign[:, 0].astype(np.int64)).to(emb.device)

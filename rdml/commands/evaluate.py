@@ -32,6 +32,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rdml.commands.options import at_least
 from rdml.errors import ConfigError
 
 
@@ -54,22 +55,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`rdml ensemble`, or one of its step-*/member-k.pt; several: evaluated together")
     add_model_arguments(parser)
     parser.add_argument("--profile", default=None,
-                        help="attack profile: rob28, rob224, quick, pami28, pami224, eccv28, eccv224, clustering, "
-                             "clustering28, panum, or a YAML file (default: the checkpoint config's eval.profile)")
+                        help="attack profile: rob28, rob28-adaptive, worst28, rob224, worst224, quick, pami28, pami224, "
+                             "eccv28, eccv224, clustering, clustering28, panum, or a YAML file (default: the checkpoint "
+                             "config's eval.profile)")
     parser.add_argument("--json", dest="json_out", default=None, help="write the metrics to this JSON file")
-    parser.add_argument("--max-queries", type=int, default=None, help="attack at most N (seeded) test samples")
+    parser.add_argument("--max-queries", type=at_least(1, "test samples"), default=None, help="attack at most N (seeded) test samples")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the config's train.device)")
-    parser.add_argument("--batch-size", type=int, default=None, help="attack batch size (default data.eval_batch_size)")
-    parser.add_argument("--seed", type=int, default=None, help="attack target seed (default eval.attack_seed)")
+    parser.add_argument("--batch-size", type=at_least(1, "images per batch"), default=None, help="attack batch size (default data.eval_batch_size)")
+    parser.add_argument("--seed", type=at_least(0), default=None, help="attack target seed (default eval.attack_seed)")
     parser.add_argument("--curve", action="store_true",
                         help="also measure the first ranking attack's robust metric at eps x {0, 1/4, 1/2, 1, 2}")
     parser.add_argument("--masking-check", action="store_true",
                         help="run the gradient-masking guard (4x steps and 2x eps) on the ES attack")
-    parser.add_argument("--examples", type=int, default=6, help="clean/adversarial examples kept for the report")
+    parser.add_argument("--examples", type=at_least(0), default=6, help="clean/adversarial examples kept for the report")
     parser.add_argument("--track", action="store_true", help="log the metrics and files to MLflow (rdml.tracking)")
     parser.add_argument("--run-id", default=None, help="with --track: log into this existing run (e.g. the training run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--intervals", type=int, default=1000, metavar="N",
+    parser.add_argument("--intervals", type=at_least(0, "bootstrap resamples"), default=1000, metavar="N",
                         help="bootstrap resamples for the 95%% intervals (default 1000; 0: none)")
     parser.add_argument("--surrogate", default=None, metavar="PATH",
                         help="worst-case profiles: an independently trained model (checkpoint or run directory, "
@@ -265,10 +267,6 @@ def _write(out: Path, metrics: dict[str, Any], run: Any) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_queries is not None and args.max_queries <= 0:
-        raise ConfigError("--max-queries must be a positive number of test samples")
-    if args.intervals < 0:
-        raise ConfigError("--intervals must be 0 (no intervals) or a positive number of bootstrap resamples")
     models: list[tuple[str, Any]] = [(str(path), None) for path in args.checkpoint]
     if args.model is not None:
         models.append((args.model, user_model_source(args.model, args.weights, args.data, args.config)))
