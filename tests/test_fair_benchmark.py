@@ -195,3 +195,13 @@ def test_benchmark_command_runs_in_resumable_parts_and_writes_the_doc(tmp_path):
     assert all("ers" in r.data.metrics for r in children)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished jobs are reused
     assert again.returncode == 0 and " ... " not in again.stdout and "benchmark complete" in again.stdout
+
+
+def test_seed_intervals_of_a_fraction_stay_in_its_range():
+    """Two seeds give a wide t-interval; NMI's is clipped to [0, 1], a distance's is not clipped."""
+    from rdml.eval.compare import RunEvaluation, combine
+
+    runs = [RunEvaluation(f"r{s}", s, {"nmi": v, "attacks.ES:D": d}) for s, (v, d) in enumerate([(0.95, 0.3), (0.88, 0.5)])]
+    out = combine(runs)
+    assert out["nmi"].high == 1.0 and 0.0 <= out["nmi"].low < 0.88 and out["nmi"].value == pytest.approx(0.915)
+    assert out["attacks.ES:D"].low < 0.0  # a distance's t-interval is left as computed

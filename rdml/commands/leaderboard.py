@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from rdml.commands.common import add_config_arguments, config_from_args
 from rdml.errors import ConfigError
@@ -32,16 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
+def cards_in_experiment(experiment: str, tracking: Any) -> list:
+    """The ``cards/`` artifacts of every run of an MLflow experiment (this command is the MLflow edge)."""
+    from rdml import tracking as mlflow_io
+    from rdml.eval.cards import ARTIFACT_DIR, CARD_SUFFIX, read_card
+    from rdml.eval.leaderboard import Entry
+
+    entries = []
+    for run_id in mlflow_io.experiment_run_ids(experiment, tracking):
+        for name in mlflow_io.list_artifacts(run_id, ARTIFACT_DIR, tracking=tracking):
+            if name.endswith(CARD_SUFFIX):
+                path = mlflow_io.download_artifact(run_id, name, tracking=tracking)
+                entries.append(Entry(f"runs:/{run_id}/{name}", read_card(path)))
+    return entries
+
+
 def run(args: argparse.Namespace) -> int:
-    from rdml.eval.leaderboard import (
-        cards_in_experiment,
-        cards_in_folders,
-        plot,
-        rows,
-        sorted_groups,
-        to_html,
-        to_markdown,
-    )
+    from rdml.eval.leaderboard import cards_in_folders, plot, rows, sorted_groups, to_html, to_markdown
 
     if not args.folders and not args.experiment:
         raise ConfigError("nothing to collect: pass folders of cards (e.g. rdml-cards/) and/or --experiment NAME")

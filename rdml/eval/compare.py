@@ -208,8 +208,22 @@ def combine(runs: Sequence[RunEvaluation], n_boot: int = N_BOOT, seed: int = 0) 
             continue
         values = [r.metrics.get(key) for r in runs]
         if all(isinstance(v, (int, float)) and math.isfinite(float(v)) for v in values):
-            out[key] = t_interval([float(v) for v in values])
+            out[key] = _within_range(key, t_interval([float(v) for v in values]))
     return out
+
+
+def _within_range(key: str, iv: Interval) -> Interval:
+    """A t-interval over few seeds can leave the metric's range (NMI above 1 with two seeds): clip a
+    fraction's interval to [0, 1]; the interval stays honest about its width inside the range."""
+    from rdml.metrics import FRACTION, lookup
+
+    try:
+        spec = lookup(key)
+    except KeyError:
+        return iv
+    if spec.unit != FRACTION:
+        return iv
+    return Interval(iv.value, max(iv.low, 0.0), min(iv.high, 1.0))
 
 
 def separated(a: Interval, b: Interval) -> bool:

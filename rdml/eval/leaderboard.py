@@ -3,7 +3,8 @@
 Why: a card (:mod:`rdml.eval.cards`) records one model under one suite; comparing defenses means
 reading many of them side by side, with their intervals, under the *same* threat model. The
 leaderboard collects cards from folders (``*.card.json``, and legacy evaluation JSONs written before
-cards existed) or from the ``cards/`` artifacts of every run of an MLflow experiment, groups them by
+cards existed) or, through the command (:mod:`rdml.commands.leaderboard`, the MLflow edge), from the
+``cards/`` artifacts of every run of an MLflow experiment, groups them by
 threat model (data set, profile, suite digest), sorts each group by a metric in its robust direction
 (:mod:`rdml.metrics`), and renders Markdown or HTML plus a robust-vs-clean scatter plot.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rdml.errors import ConfigError
-from rdml.eval.cards import ARTIFACT_DIR, CARD_SUFFIX, card_from_evaluation, read_card
+from rdml.eval.cards import CARD_SUFFIX, card_from_evaluation, read_card
 
 SORT_KEYS = ("ers", "worst.recall@1", "worst.map", "recall@1", "map")
 """Metrics a leaderboard can be sorted by (ERS by default; the worst case where the suite has it)."""
@@ -73,19 +74,6 @@ def _legacy(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return card_from_evaluation(data, str(path)) if isinstance(data, dict) else None
-
-
-def cards_in_experiment(experiment: str, tracking: Any) -> list[Entry]:
-    """The ``cards/`` artifacts of every run of an MLflow experiment (through :mod:`rdml.tracking`)."""
-    from rdml import tracking as mlflow_io
-
-    entries = []
-    for run_id in mlflow_io.experiment_run_ids(experiment, tracking):
-        for name in mlflow_io.list_artifacts(run_id, ARTIFACT_DIR, tracking=tracking):
-            if name.endswith(CARD_SUFFIX):
-                path = mlflow_io.download_artifact(run_id, name, tracking=tracking)
-                entries.append(Entry(f"runs:/{run_id}/{name}", read_card(path)))
-    return entries
 
 
 def sorted_groups(entries: Iterable[Entry], key: str = "ers") -> dict[tuple[str, str, str], list[Entry]]:
