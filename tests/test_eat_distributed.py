@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,16 @@ def test_killed_member_and_stopped_driver_lose_only_steps_since_checkpoint(ray_l
         if step == 4 and not killed and "train/loss" in metrics:
             ray.kill(second.actors[1], no_restart=False)
             killed.append(step)
+            # ray.kill is asynchronous: on a loaded machine the training could otherwise run on (or end)
+            # before the kill lands. Wait until the member is gone or already restarted.
+            while True:
+                try:
+                    if ray.get(second.actors[1].info.remote(), timeout=30)["restarted"]:
+                        break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.GetTimeoutError):
+                    break
+                time.sleep(0.05)
 
     try:
         result = train_ensemble(cfg, second, splits, run_dir, resume=run_dir, log=kill_at_step_4)

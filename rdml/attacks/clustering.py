@@ -276,27 +276,6 @@ def build_clustering_attack(spec: AttackSpec, key: str | None = None) -> Cluster
     return CLUSTERING_ATTACKS[spec.kind].from_spec(spec, key)  # type: ignore[return-value]
 
 
-def run_clustering_attack(
-    model: nn.Module,
-    dataset: Dataset,
-    indices: Sequence[int],
-    spec: AttackSpec | ClusteringAttack,
-    clean_emb: Tensor,
-    labels: Tensor,
-    *,
-    key: str | None = None,
-    batch_size: int = 128,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    keep_images: bool = False,
-) -> ClusteringOutcome:
-    """Attack the set ``dataset[indices]`` (clean embeddings ``clean_emb``, labels 0..K-1 ``labels``)."""
-    attack = spec if isinstance(spec, ClusteringAttack) else build_clustering_attack(spec, key)
-    return attack.run(model, dataset, indices, clean_emb, labels, key=key, batch_size=batch_size, device=device,
-                      seed=seed, progress=progress, keep_images=keep_images)
-
-
 def cluster_scores(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
     """NMI, ARI, cluster accuracy, pairwise F1 and R@1 (fractions) of a set of embeddings, from rdml.eval."""
     from rdml.eval import clustering_metrics, retrieval_metrics

@@ -22,9 +22,6 @@ import math
 INITIAL_PREVIOUS_LOSS = 2.0
 """The reference code's initial l_prev: the first step uses the weakest gradual destination."""
 
-LOSS_FEEDBACK = ("lga", "g2", "gsqrt", "boost")
-"""Schedules that read the previous adversarial loss."""
-
 SCHEDULES = ("none", "lga", "boost", "g2", "gsqrt", "constant", "linear")
 """Every destination schedule HM knows (``defense.hm_schedule``)."""
 

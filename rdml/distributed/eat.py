@@ -283,7 +283,6 @@ class RayEnsemble:
             for k in range(e.members)
         ]
         self._refs: list[Any] | None = None  # ObjectRefs of the records the members publish for the next step
-        self.failures = 0
         self.wall = 0.0
         ray.get([a.ping.remote() for a in self.actors])  # every actor built (a constructor error surfaces here)
 
@@ -322,7 +321,6 @@ class RayEnsemble:
                 except Exception as exc:  # noqa: BLE001 - re-raised below unless caused by a lost member
                     other.append(exc)
         if lost:
-            self.failures += 1
             self._refs = None
             self.wait_alive()
             raise MemberFailure(f"{len(lost)} member call(s) lost during the step: {lost[0]}")

@@ -66,11 +66,6 @@ def flags(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def tables(metrics: Mapping[str, Any], name: str = "model") -> dict[str, tuple[list[str], list[list[str]]]]:
-    """The report's tables as (header, rows): ``main`` (paper layout), ``other``, ``clustering``."""
-    return model_tables({name: metrics})
-
-
 def _main_row(name: str, metrics: Mapping[str, Any]) -> list[str]:
     row = [name] + [_cell(metrics, k) for k, _ in BENIGN]
     row += [_fmt(f"attacks.{k}", metrics.get(f"attacks.{k}")) for k in ERS_KEYS]
@@ -84,7 +79,7 @@ def _main_row(name: str, metrics: Mapping[str, Any]) -> list[str]:
 
 
 def model_tables(models: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """The tables of :func:`tables` with one row (``main``) or column (``other``) per model."""
+    """The report's tables as (header, rows), one row (``main``, the paper layout) or column (``other``) per model."""
     out: dict[str, tuple[list[str], list[list[str]]]] = {}
     header = ["Model"] + [label for _, label in BENIGN] + [f"{k}{lookup('attacks.' + k).arrow}" for k in ERS_KEYS]
     header += [f"{k}{lookup('attacks.' + k).arrow}" for k in HONEST] + ["ERS↑"]

@@ -326,10 +326,6 @@ def _clean_top1_correct(db: Database, indices: np.ndarray, own: np.ndarray, labe
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
-def _cluster_scores(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
-    return cluster_scores(emb, labels, seed)
-
-
 def _clustering(result: RobustnessResult, model: nn.Module, dataset: Dataset, indices: np.ndarray,
                 attacks: Sequence, labels_np: np.ndarray, batch_size: int, device, seed: int, progress: bool) -> None:
     """Clustering attacks on the set ``dataset[indices]``; clean embeddings use the same batching."""
