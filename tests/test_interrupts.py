@@ -152,11 +152,31 @@ def the_run(tmp_path: Path):
     return runs[0]
 
 
+def without_ray_overload_warnings(out: str) -> str:
+    """``out`` without Ray Train's "Failed to send resource request ... CPU being overloaded" blocks.
+
+    On an overloaded machine Ray Train's controller logs that warning with a GetTimeoutError traceback
+    (Ray's text: "safe to ignore"); it is Ray's, not rdml's, so only those blocks are dropped.
+    """
+    keep, skipping = [], False
+    for line in out.splitlines():
+        if "(TrainController" in line and "Failed to send resource request" in line:
+            skipping = True
+            continue
+        if skipping and "(TrainController" in line:
+            skipping = "GetTimeoutError" not in line
+            continue
+        skipping = False
+        keep.append(line)
+    return "\n".join(keep)
+
+
 def check_stopped(tmp_path: Path, code: int, out: str, expected_code: int):
     assert code == expected_code, out[-5000:]
     resume_lines = [line for line in out.splitlines() if "--resume" in line]
     assert len(resume_lines) == 1, out[-5000:]
-    assert "Traceback" not in out and "core_worker" not in out and "PreemptionWatcher" not in out, out[-5000:]
+    own = without_ray_overload_warnings(out)
+    assert "Traceback" not in own and "core_worker" not in own and "PreemptionWatcher" not in own, own[-5000:]
     ckpt = load_checkpoint(tmp_path / "runs" / "t")
     assert ckpt.epoch >= 1 and ckpt.global_step >= 20
     if PARTIAL in ckpt.extra:  # stopped inside an epoch: the position is recorded
