@@ -185,9 +185,12 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
               "ERS adaptive (Δ vs rob28) | ERS at 2x eps | PGD iters/step | passes/iter |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, c in rows.items():
+        gains = n != "vanilla" and vanilla and "ers" in c and "ers" in vanilla and separated(c["ers"], vanilla["ers"])
         share = esd_share_of_gain({k: iv.value for k, iv in c.items()}, {k: iv.value for k, iv in vanilla.items()}) \
-            if n != "vanilla" and vanilla else None
-        flag = "—" if share is None else f"{100 * share:.0f}%" + (" ⚠" if share > 0.5 else "")
+            if gains else None
+        # no share of a gain the intervals do not support (a near-zero gain makes any share meaningless)
+        flag = ("— (no ERS gain)" if n != "vanilla" else "—") if share is None else \
+            f"{100 * share:.0f}%" + (" ⚠" if share > 0.5 else "")
         ad = adaptive.get(n)
         ad_txt = "—"
         if ad:
