@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from robust28 import State  # noqa: E402 - the benchmark's resumable, lock-protected state file
+from robust28 import State, child_run, ensure_parent  # noqa: E402 - the resumable state file and its MLflow runs
 
 RECIPE = "mnist5k-eat"
 MODES = ("none", "cross_member", "ensemble_gradient")
@@ -82,6 +82,10 @@ class Job:
     @property
     def run_key(self) -> str:
         return f"{self.run}-s{self.seed}"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"rdml.run": self.run, "rdml.seed": str(self.seed)}
 
     @property
     def estimate_key(self) -> str:
@@ -159,33 +163,6 @@ def run_config(run: str, seed: int, out: Path, uri: str, members: int):
                                 f"ensemble.steps_per_epoch={steps}"])
 
 
-# ------------------------------------------------------------------------------------------ MLflow
-
-
-def ensure_parent(state: State, uri: str) -> str:
-    from rdml import tracking
-    from rdml.config import build_config
-
-    if state.data.get("parent_run_id"):
-        return state.data["parent_run_id"]
-    cfg = build_config({"name": "eat-evidence", "tracking": {"uri": uri, "experiment": EXPERIMENT, "log_model": False}})
-    run_id = tracking.start_run(cfg, tags={"rdml.kind": "benchmark"}, run_name="eat-evidence")
-    state.update(lambda d: d.update(parent_run_id=run_id, tracking_uri=uri))
-    return run_id
-
-
-def child_run(state: State, job: Job, cfg, parent: str) -> str:
-    from rdml import tracking
-
-    state.reload()
-    if job.run_key not in state.data["runs"]:
-        run_id = tracking.start_run(cfg, parent_run_id=parent, run_name=job.run_key,
-                                    tags={"rdml.kind": "benchmark-run", "rdml.benchmark": EXPERIMENT,
-                                          "rdml.run": job.run, "rdml.seed": str(job.seed)})
-        state.update(lambda d: d["runs"].setdefault(job.run_key, {"run_id": run_id}))
-    return state.data["runs"][job.run_key]["run_id"]
-
-
 # ------------------------------------------------------------------------------------------ jobs
 
 
@@ -195,7 +172,7 @@ def train(job: Job, state: State, out: Path, uri: str, parent: str, members: int
     from rdml.ensemble import LocalEnsemble, load_manifest, train_ensemble
 
     cfg = run_config(job.run, job.seed, out, uri, members)
-    run_id = child_run(state, job, cfg, parent)
+    run_id = child_run(state, job, cfg, parent, EXPERIMENT)
     run_dir = out / "train" / job.run_key
     splits = build_datasets(cfg.data)
     resume = load_manifest(run_dir) if (run_dir / "manifest.json").exists() else None
@@ -232,7 +209,7 @@ def evaluate(job: Job, state: State, out: Path, uri: str, parent: str, max_queri
     from rdml.eval.compare import evaluate_run
 
     model, cfg = _model(job, out)
-    run_id = child_run(state, job, cfg, parent)
+    run_id = child_run(state, job, cfg, parent, EXPERIMENT)
     test = build_datasets(cfg.data).test
     info = {}
     for name in PROFILES:
@@ -254,7 +231,7 @@ def guard(job: Job, state: State, out: Path, uri: str, parent: str, max_queries:
     from rdml.ensemble.guard import transfer_guard
 
     model, cfg = _model(Job("eval", job.run, job.seed, "ensemble"), out)
-    run_id = child_run(state, job, cfg, parent)
+    run_id = child_run(state, job, cfg, parent, EXPERIMENT)
     steps = ATTACK_STEPS[0] or 32
     result = transfer_guard(model, build_datasets(cfg.data).test, n_boot=BOOT[0], max_items=max_queries, steps=steps,
                             alpha=max(3 / 255, 77 / 255 / steps))
@@ -324,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(left)} of {len(jobs)} jobs left, about {sum(estimate_min(state, j) for j in left):.0f} min "
               "of one core")
         return 0
-    parent = ensure_parent(state, uri)
+    parent = ensure_parent(state, uri, EXPERIMENT)
     state.update(lambda d: d["settings"].update(modes=args.modes, seeds=args.seeds, members=args.members,
                                                 max_queries=args.max_queries, overrides=args.overrides,
                                                 attack_steps=args.attack_steps))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from robust28_report import write_generated
 
 from rdml.attacks.ers import ers
 from rdml.attacks.profiles import ERS_KEYS
@@ -268,14 +269,7 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
             lines.append(f"| {part['started']} | {part['minutes']} | {part.get('threads', '—')} | {len(part['jobs'])}: "
                          f"{', '.join(part['jobs'][:5])}{' ...' if len(part['jobs']) > 5 else ''} |")
     lines += ["", END]
-    block = "\n".join(lines)
-    text = doc.read_text() if doc.exists() else f"# EAT evidence on mnist5k\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text += "\n" + block + "\n"
-    doc.write_text(text)
+    write_generated(doc, "\n".join(lines), "# EAT evidence on mnist5k", BEGIN, END)
     summary = out / "summary.json"
     summary.write_text(json.dumps({m: {k: (v.as_dict() if v is not None else None) for k, v in s_.items()}
                                    for m, s_ in supported.items()}, indent=2, default=float))

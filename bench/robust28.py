@@ -68,6 +68,10 @@ class Job:
     def run_key(self) -> str:
         return f"{self.model}-s{self.seed}"
 
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"rdml.model": self.model, "rdml.seed": str(self.seed)}
+
 
 class State:
     """``state.json`` in the output directory: MLflow ids, finished jobs, measured durations, parts.
@@ -129,14 +133,15 @@ def jobs_for(models: list[str], seeds: list[int], adaptive_seeds: list[int]) -> 
     return jobs
 
 
-def ensure_parent(state: State, uri: str) -> str:
+def ensure_parent(state: State, uri: str, experiment: str = EXPERIMENT) -> str:
+    """The benchmark's MLflow parent run (named after its experiment), created once and kept in the state."""
     from rdml import tracking
     from rdml.config import build_config
 
     if state.data.get("parent_run_id"):
         return state.data["parent_run_id"]
-    cfg = build_config({"name": "robust28", "tracking": {"uri": uri, "experiment": EXPERIMENT, "log_model": False}})
-    run_id = tracking.start_run(cfg, tags={"rdml.kind": "benchmark"}, run_name="robust28")
+    cfg = build_config({"name": experiment, "tracking": {"uri": uri, "experiment": experiment, "log_model": False}})
+    run_id = tracking.start_run(cfg, tags={"rdml.kind": "benchmark"}, run_name=experiment)
     state.update(lambda d: d.update(parent_run_id=run_id, tracking_uri=uri))
     return run_id
 
@@ -155,15 +160,14 @@ def run_config(model: str, seed: int, out: Path, uri: str):
     ])
 
 
-def child_run(state: State, job: Job, cfg, parent: str) -> str:
-    """The MLflow child run of a (model, seed), created once and reused by every job of that pair."""
+def child_run(state: State, job, cfg, parent: str, experiment: str = EXPERIMENT) -> str:
+    """The MLflow child run of a job's (model or run, seed), created once and reused by its every job."""
     from rdml import tracking
 
     state.reload()
     if job.run_key not in state.data["runs"]:
         run_id = tracking.start_run(cfg, parent_run_id=parent, run_name=job.run_key,
-                                    tags={"rdml.kind": "benchmark-run", "rdml.benchmark": EXPERIMENT,
-                                          "rdml.model": job.model, "rdml.seed": str(job.seed)})
+                                    tags={"rdml.kind": "benchmark-run", "rdml.benchmark": experiment, **job.tags})
         state.update(lambda d: d["runs"].setdefault(job.run_key, {"run_id": run_id}))
     return state.data["runs"][job.run_key]["run_id"]
 

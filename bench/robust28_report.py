@@ -34,6 +34,18 @@ def _fmt(key: str, iv: Interval | None) -> str:
     return f"{show(key, iv.value)} [{show(key, iv.low)}, {show(key, iv.high)}]"
 
 
+def write_generated(doc: Path, block: str, title: str, begin: str, end: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) between the doc's markers, keeping
+    the hand-written text around them; a new doc gets ``title`` and the block."""
+    text = doc.read_text() if doc.exists() else f"{title}\n\n{begin}\n{end}\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text += "\n" + block + "\n"
+    doc.write_text(text)
+
+
 def _load(out: Path, name: str, seeds: list[int], kind: str) -> list[RunEvaluation]:
     runs = []
     for s in seeds:
@@ -227,14 +239,7 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
     for key, path in plots.items():
         lines += ["", f"![{key}](img/{path.name})"]
     lines += ["", END]
-    block = "\n".join(lines)
-    text = doc.read_text() if doc.exists() else f"# Results on mnist5k (the fair 28x28 benchmark)\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text += "\n" + block + "\n"
-    doc.write_text(text)
+    write_generated(doc, "\n".join(lines), "# Results on mnist5k (the fair 28x28 benchmark)", BEGIN, END)
     summary = out / "summary.json"
     summary.write_text(json.dumps({n: {k: iv.as_dict() for k, iv in c.items()} for n, c in rows.items()}, indent=2,
                                   default=float))

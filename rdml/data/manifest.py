@@ -121,7 +121,6 @@ def write_manifest(
 ) -> bool:
     """Write atomically; returns False (and writes nothing) if the directory is not writable."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table(
         {
@@ -133,19 +132,7 @@ def write_manifest(
             "split": pa.array(list(rows.split), type=pa.string()),
         }
     ).replace_schema_metadata({b"rdml": _meta(dataset, sources, params)})
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
-        return False
-    return True
+    return _write_table(table, path)
 
 
 def read_checked(path: Path | None) -> dict[str, tuple[int, int]]:
@@ -185,7 +172,15 @@ def write_checked(path: Path, checked: dict[str, tuple[int, int]]) -> bool:
     table = table.append_column(CHECK_COLUMNS[0], pa.array([s[0] if s else None for s in sig], type=pa.int64()))
     table = table.append_column(CHECK_COLUMNS[1], pa.array([s[1] if s else None for s in sig], type=pa.int64()))
     table = table.replace_schema_metadata(meta)
+    return _write_table(table, path)
+
+
+def _write_table(table: Any, path: Path) -> bool:
+    """Write ``table`` to ``path`` atomically (temp file + rename); False when the cache is not writable."""
+    import pyarrow.parquet as pq
+
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         try:
