@@ -162,6 +162,10 @@ def test_default_uri_is_sqlite_in_cwd(monkeypatch, tmp_path):
     assert resolve_uri("sqlite:///x.db") == "sqlite:///x.db"
     with pytest.raises(TrackingError, match="sqlite"):
         resolve_uri(str(tmp_path / "mlruns"))
+    with pytest.raises(TrackingError, match=f"sqlite:///{tmp_path / 'mlruns'}/mlflow.db"):  # a file:// URI too
+        resolve_uri(f"file://{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out is honoured
+    assert resolve_uri(f"file://{tmp_path}") == f"file://{tmp_path}"
 
 
 def test_unreachable_server_fails_fast_with_the_fix():

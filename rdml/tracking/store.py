@@ -33,11 +33,13 @@ def resolve_uri(uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if "://" not in uri and not uri.startswith(("databricks", "sqlite:")):
+    plain = "://" not in uri and not uri.startswith(("databricks", "sqlite:"))
+    if plain or (uri.startswith("file:") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true"):
+        folder = Path(urllib.parse.urlparse(uri).path if not plain else uri).resolve()
         raise TrackingError(
-            f"tracking uri {uri!r} is a plain path (an MLflow file store, which MLflow 3 refuses); "
-            f"use a sqlite store such as tracking.uri=sqlite:///{Path(uri).resolve()}/mlflow.db "
-            "or a server URL such as http://127.0.0.1:5000"
+            f"tracking uri {uri!r} is an MLflow file store, which MLflow 3 refuses; use a sqlite store such as "
+            f"tracking.uri=sqlite:///{folder}/mlflow.db or a server URL such as http://127.0.0.1:5000 "
+            "(or set MLFLOW_ALLOW_FILE_STORE=true to keep the file store)"
         )
     return uri
 
