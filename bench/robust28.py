@@ -41,16 +41,17 @@ MODELS = {  # benchmark name -> shipped recipe
     "hm": "mnist5k-hm",
     "hm-ics": "mnist5k-hm-ics",
     "panum": "mnist5k-panum",
+    "catride": "mnist5k-catride",
 }
 CONTROLS = ("untrained", "shrunk")
 CURVE_ATTACK = "LTM:eps=77/255:alpha=3/255:pgditer=32"  # robust R@1 under LTM; alpha scales with eps
 CURVE_EPS = (0, 8, 16, 32, 48, 77, 154)  # x/255
 CURVE_QUERIES = 200
 TITLES = {"vanilla": "vanilla", "est": "EST[R]", "act": "ACT[R]", "hm": "HM[S,gLGA]", "hm-ics": "HM[S,gLGA]&ICS",
-          "panum": "Panum (p, rho=1)", "untrained": "untrained (control)", "shrunk": "vanilla shrunk x0.05 (control)"}
+          "panum": "Panum (p, rho=1)", "catride": "CA-TRIDE", "untrained": "untrained (control)", "shrunk": "vanilla shrunk x0.05 (control)"}
 #: first-guess job durations on 2 cores (minutes), replaced by measured ones as jobs finish
 ESTIMATE_MIN = {"train:vanilla": 2, "train:panum": 4, "train:est": 25, "train:act": 25, "train:hm": 30,
-                "train:hm-ics": 32, "eval": 6, "adaptive": 14, "curve": 2}
+                "train:hm-ics": 32, "train:catride": 30, "eval": 6, "adaptive": 14, "curve": 2}
 EXPERIMENT = "robust28"
 
 
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "robust28", help="state, checkpoints, evaluations")
     ap.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per model (0..N-1)")
+    ap.add_argument("--from-seed", type=int, default=0,
+                    help="only seeds from this one on (two parts working on one model at once take disjoint seeds)")
     ap.add_argument("--adaptive-seeds", type=int, default=1, help="seeds that get the adaptive profile and the curve")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--only", nargs="+", choices=["train", "eval", "adaptive", "curve", "report"], default=None,
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     state = State(args.out / "state.json")
     uri = state.data.get("tracking_uri") or resolve_uri(args.tracking_uri)
-    jobs = jobs_for(args.models, list(range(args.seeds)), list(range(args.adaptive_seeds)))
+    jobs = jobs_for(args.models, list(range(args.from_seed, args.seeds)),
+                    [s for s in range(args.adaptive_seeds) if s >= args.from_seed])
     if args.only:
         jobs = [j for j in jobs if j.kind in args.only]
     todo = [j for j in jobs if not state.done(j)]

@@ -9,8 +9,8 @@ The public library API (shown with runnable examples in ``docs/api.md``), import
   ``GTT``, ``PANUM``, ``CentroidAttack``, ``ClusterShiftAttack``; ``load_profile(name).build()``
   gives a profile's list of them (:mod:`rdml.attacks`);
 * defenses and losses built with keyword arguments: ``HardnessManipulation``,
-  ``EmbeddingShiftedTriplet``, ``AntiCollapseTriplet``, ``PanumRobust``, ``NoDefense``,
-  ``StepState``; ``TripletLoss``, ``ContrastiveLoss``, ``ProxyAnchorLoss``;
+  ``EmbeddingShiftedTriplet``, ``AntiCollapseTriplet``, ``PanumRobust``, ``CollapseAwareTripletDecoupling``,
+  ``NoDefense``, ``StepState``; ``TripletLoss``, ``ContrastiveLoss``, ``ProxyAnchorLoss``;
 * ``retrieval_metrics``, ``clustering_metrics``, the metric registry ``lookup``, and pytorch-metric-learning's
   ``knn_func`` / ``AccuracyCalculator`` with rdml's metrics (:mod:`rdml.eval.pml`).
 
@@ -42,8 +42,8 @@ _EXPORTS = {
                      "ClusterShiftAttack", "ClusteringOutcome", "ES", "GTM", "GTT", "L2Normalized", "LTM", "PANUM",
                      "QA", "SPQA", "TMA", "build_attack", "load_profile", "parse_attack_spec", "profile_names"),
                     "rdml.attacks"),
-    **dict.fromkeys(("AntiCollapseTriplet", "Defense", "EmbeddingShiftedTriplet", "HardnessManipulation", "NoDefense",
-                     "PanumRobust", "StepState", "build_defense"), "rdml.defenses"),
+    **dict.fromkeys(("AntiCollapseTriplet", "CollapseAwareTripletDecoupling", "Defense", "EmbeddingShiftedTriplet",
+                     "HardnessManipulation", "NoDefense", "PanumRobust", "StepState", "build_defense"), "rdml.defenses"),
     **dict.fromkeys(("ContrastiveLoss", "ProxyAnchorLoss", "TripletLoss", "build_loss"), "rdml.losses"),
     **dict.fromkeys(("clustering_metrics", "retrieval_metrics"), "rdml.eval"),
     **dict.fromkeys(("AccuracyCalculator", "knn_func"), "rdml.eval.pml"),

@@ -51,7 +51,7 @@ def evaluate(model: nn.Module, queries: Any, gallery: Any = None, profile: str |
              intervals: int = 1000, nmi_intervals: int = 200, normalize: bool | None = None, curve: bool = False,
              masking_check: bool = False, keep_examples: int = 0, progress: bool = False, name: str = "model",
              run_seed: int | None = None, surrogate: nn.Module | None = None, card: str | Path | None = None,
-             model_info: dict[str, Any] | None = None) -> RunEvaluation:
+             model_info: dict[str, Any] | None = None, executor: Any = None) -> RunEvaluation:
     """Benign metrics, the profile's attacks, ERS, intervals and flags of ``model``, in one call.
 
     ``queries`` / ``gallery``: image tensors ``[n, C, H, W]`` in [0, 1] with ``labels`` /
@@ -67,6 +67,9 @@ def evaluate(model: nn.Module, queries: Any, gallery: Any = None, profile: str |
     ``device`` defaults to the model's. ``surrogate``: an independently trained model a worst-case
     profile crafts its transfer attacks on (normalised like ``model``). ``card``: also write the
     robustness card there; ``model_info``: fields the card records about the model (checkpoint, defense...).
+    ``executor``: where the attacks run: None in this process; ``RayAttackWorkers(workers=N)``
+    (:mod:`rdml.distributed.attack_workers`, Ray connected) shards them over N actors with the same
+    per-query numbers (:mod:`rdml.eval.shards`).
     """
     if isinstance(queries, DatasetSplits):
         if gallery is not None:
@@ -84,7 +87,7 @@ def evaluate(model: nn.Module, queries: Any, gallery: Any = None, profile: str |
     run = evaluate_run(model, query_set, prof, name=name, seed=run_seed, attack_seed=seed, device=dev,
                        batch_size=batch_size, max_queries=max_queries, n_boot=intervals, nmi_boot=nmi_intervals,
                        progress=progress, keep_examples=keep_examples, kmeans_seed=kmeans_seed, gallery=gallery_set,
-                       surrogate=surrogate)
+                       surrogate=surrogate, executor=executor)
     if prof is not None:
         _attacked(run, model, query_set, gallery_set, prof, curve, masking_check, device=dev, seed=seed,
                   max_queries=max_queries, batch_size=batch_size)

@@ -238,6 +238,10 @@ class DefenseConfig(_Section):
     # Panum et al.
     panum_role: Literal["a", "p", "n"] = "p"
     panum_rate: float = Field(default=1.0, ge=0, le=1, description="attack rate rho")
+    # CA-TRIDE
+    catride_lambda: float = Field(default=10.0, gt=0, description="soft-max temperature of collapseness (the code: "
+                                  "CUB 10, Cars 9.5, SOP 2)")
+    catride_warmup: bool = Field(default=True, description="ramp the PGD step with training progress (the code's)")
     # plain min-max (EAT's members)
     minmax_clean_weight: float = Field(
         default=0.0, ge=0, le=1, description="minmax: weight lambda of the clean loss, (1-lambda) adversarial + lambda clean"
@@ -247,6 +251,10 @@ class DefenseConfig(_Section):
     def _ics_needs_hm(self) -> DefenseConfig:
         if self.ics and self.name != "hm":
             raise ValueError("defense.ics=true needs defense.name=hm (ICS uses HM's adversarial anchor)")
+        changed = self.catride_lambda != 10.0 or not self.catride_warmup
+        if changed and self.name != "catride":
+            raise ValueError(f"defense.catride_lambda / catride_warmup are only used by defense.name=catride (got "
+                             f"{self.name}); remove them or set defense.name=catride")
         if self.minmax_clean_weight and self.name != "minmax":
             raise ValueError(f"defense.minmax_clean_weight={self.minmax_clean_weight:g} is only used by "
                              f"defense.name=minmax (got {self.name}); remove it or set defense.name=minmax")
@@ -284,6 +292,10 @@ class EvalConfig(_Section):
     kmeans_seed: int = Field(default=0, ge=0)
     attack_seed: int = Field(default=0, ge=0)
     max_queries: int | None = Field(default=None, gt=0, description="attack at most N queries (speed)")
+    workers: int = Field(default=0, ge=0, description="Ray actors the attacks of `rdml ensemble`'s final evaluation "
+                         "are sharded over (one GPU each where there are GPUs; `rdml evaluate` has --workers); 0: in "
+                         "the process")
+    worker_threads: int = Field(default=1, gt=0, description="torch threads (and Ray CPUs) of each attack worker")
 
 
 class EnsembleConfig(_Section):

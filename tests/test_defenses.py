@@ -99,14 +99,18 @@ def test_every_shipped_recipe_validates():
     for name in ("mnist5k-est", "mnist5k-act", "mnist5k-hm", "mnist5k-hm-ics"):  # robrank's 28x28 budget
         pgd = load_config(name).defense.pgd
         assert (math.isclose(pgd.eps, 77 / 255), math.isclose(pgd.alpha, 3 / 255), pgd.steps) == (True, True, 32)
+    catride = load_config("mnist5k-catride")  # CA-TRIDE under HM's budget in the fair benchmark
+    assert (catride.defense.name, catride.defense.pgd.steps, catride.train.epochs, catride.data.batch_pairs) == \
+        ("catride", 32, load_config("mnist5k-hm").train.epochs, load_config("mnist5k-hm").data.batch_pairs)
+    assert [load_config(f"{d}-catride").defense.catride_lambda for d in ("cub", "cars", "sop")] == [10.0, 9.5, 2.0]
     panum = load_config("mnist5k-panum").defense.pgd  # Panum's own setting
     assert (panum.eps, panum.steps, panum.random_start) == (0.01, 5, True) and math.isclose(panum.alpha, 0.004)
 
 
 def test_registry_and_config_errors():
-    assert set(DEFENSES) == {"none", "est", "act", "hm", "panum", "minmax"}
+    assert set(DEFENSES) == {"none", "est", "act", "hm", "panum", "minmax", "catride"}
     contrastive = LossConfig(name="contrastive")
-    for name in ("act", "hm", "panum"):
+    for name in ("act", "hm", "panum", "catride"):
         with pytest.raises(ConfigError, match="loss.name=triplet"):
             build_defense(dcfg(name), contrastive, build_loss(contrastive, 4, 8))
     with pytest.raises(ConfigError, match="hm_dst"):
@@ -438,3 +442,61 @@ def test_defenses_accept_m_per_class_batches():
         if name in ("act", "panum"):
             expected_rows = {"act": 3 * 2 * B, "panum": 2 * B + 2 * B}[name]
             assert model.train_inputs[-1].shape[0] == expected_rows, name
+
+
+# ---------------------------------------------------------------------------------------- CA-TRIDE
+
+
+def test_catride_soft_max_distance_and_collapseness():
+    from rdml.defenses.catride import collapseness, soft_max_distance
+
+    d = torch.tensor([0.2, 0.5, 1.1])
+    assert math.isclose(float(soft_max_distance(d, 1e-6)), float(d.mean()), rel_tol=1e-5)  # lambda -> 0: the mean
+    assert math.isclose(float(soft_max_distance(d, 200.0)), 1.1, rel_tol=1e-6)  # lambda -> inf: the largest
+    assert float(collapseness(torch.tensor([0.1, 0.2]), torch.tensor([0.9, 1.0]), 10.0)) < 0  # well ordered
+    assert float(collapseness(torch.tensor([0.9, 1.0]), torch.tensor([0.1, 0.2]), 10.0)) > 0  # inverted
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_catride_perturbs_candidates_or_anchor_in_turn(step):
+    """Even steps perturb only P and N (anchor clean), odd steps only A; within eps, in [0,1]."""
+    defense = make("catride")
+    model = Tiny()
+    images, labels = batch()
+    out = defense.step(model, images, labels, state(step=step, progress=1.0))
+    fed = model.train_inputs[-1]  # the one update forward: [A; P; N]
+    a, p, n = fed.chunk(3)
+    clean = {tuple(x.flatten().tolist()) for x in images}
+    moved = [not {tuple(x.flatten().tolist()) for x in part} <= clean for part in (a, p, n)]
+    assert out.stats["catride_anchor_phase"] == float(step % 2)
+    assert moved == ([False, True, True] if step % 2 == 0 else [True, False, False])
+    # the tiny model's batch starts ordered (collapseness < 0): PGD runs until the objective reaches 0, early
+    assert out.stats["catride_collapseness_clean"] < 0 and out.stats["catride_objective_before"] > 0
+    assert 0 < out.stats["pgd_iters"] < STEPS and out.stats["catride_objective_after"] < 1e-5
+    assert out.passes == out.stats["pgd_iters"] + 2  # the iterations, the evaluation that stops, the update
+    # every perturbed row is an image of the batch moved by at most eps
+    for part, on in zip((a, p, n), moved, strict=True):
+        if on:
+            dist = (part.unsqueeze(1) - images.unsqueeze(0)).abs().flatten(2).amax(2).amin(1)
+            assert float(dist.max()) <= EPS + 1e-6 and float(part.min()) >= 0 and float(part.max()) <= 1
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+
+
+def test_catride_adversary_lowers_its_objective_and_warms_up():
+    """PGD minimises the phase's objective (never above its clean value); at progress 0 the ramped step is 0:
+    nothing is perturbed and the step costs one pass."""
+    defense = make("catride", pgd={"eps": 0.3, "alpha": 0.05, "steps": 10})
+    images, labels = batch(3)
+    for step in (0, 1):
+        out = defense.step(Tiny(), images, labels, state(step=step, progress=1.0))
+        assert out.stats["catride_objective_after"] <= out.stats["catride_objective_before"] + 1e-6
+    cold = defense.step(Tiny(), images, labels, state(step=0, progress=0.0))
+    assert cold.passes == 1 and cold.stats["pgd_iters"] == 0
+    assert make("catride", catride_warmup=False).step(Tiny(), images, labels, state(progress=0.0)).passes > 1
+
+
+def test_catride_options_are_checked():
+    with pytest.raises(ValueError, match="only used by defense.name=catride"):
+        dcfg("hm", catride_lambda=2.0)
+    with pytest.raises(ConfigError, match="lam"):
+        DEFENSES["catride"](lam=0.0)

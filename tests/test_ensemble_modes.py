@@ -57,6 +57,22 @@ def test_act_members_run_act(splits):
     assert all(m["passes"] == 2 * 2 + 1 for m in metrics)  # 2 PGD iterations x 2 members + the update
 
 
+@pytest.mark.parametrize("mode", ["none", "ensemble_gradient"])
+def test_catride_members_run_catride_in_both_phases(splits, mode):
+    """CA-TRIDE's two phases inside an ensemble: candidates on even steps, the anchor on odd ones; with
+    ensemble_gradient every PGD iteration goes through both members."""
+    ens = LocalEnsemble(eat_config(self_transfer=mode, defense={"name": "catride", "catride_warmup": False}),
+                        splits.train)
+    for step in range(2):
+        for metrics in ens.step(step):
+            assert metrics["catride_anchor_phase"] == float(step % 2)
+            assert {"catride_collapseness_clean", "catride_objective_before", "catride_objective_after"} <= set(metrics)
+            assert metrics["catride_objective_after"] <= metrics["catride_objective_before"] + 1e-6
+            if mode == "ensemble_gradient":
+                assert (metrics["passes"] - 1) % 2 == 0
+    assert all(m.defense.name == "catride" for m in ens.members)
+
+
 # ------------------------------------------------------------------------------------- --members 1 = rdml train
 class _Steps:
     """A fit callback that records every step's statistics."""

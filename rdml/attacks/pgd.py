@@ -139,6 +139,33 @@ def _random_start(x0: Tensor, eps: float, norm: str, generator: torch.Generator 
     return project(x0 + eps * radius * direction, x0, eps, norm)
 
 
+def _is_random_restart(budget: Budget, restart: int) -> bool:
+    """Whether restart ``restart`` begins at a random point (with several restarts the first is the clean input)."""
+    return budget.random_start and not (restart == 0 and budget.restarts > 1)
+
+
+def _random_starts(budget: Budget, has_start: bool) -> int:
+    """How many random starting points :func:`pgd` draws (its only use of ``generator``)."""
+    if budget.eps == 0:
+        return 0
+    if budget.steps == 0:
+        return int(budget.random_start)
+    return sum(_is_random_restart(budget, r) for r in range(budget.restarts) if not (r == 0 and has_start))
+
+
+def skip_draws(x0: Tensor, budget: Budget, generator: torch.Generator | None, *, has_start: bool = False) -> None:
+    """Advance ``generator`` exactly as ``pgd(..., x0, budget, generator=generator)`` would, without attacking.
+
+    The draws depend only on the batch's shape and the budget, never on the model, so a worker that
+    attacks batch k of a query set can start from the generator state the single-process run has there
+    (:mod:`rdml.eval.shards`) by replaying the earlier batches' draws.
+    """
+    if generator is None:
+        return
+    for _ in range(_random_starts(budget, has_start)):
+        _random_start(x0, budget.eps, budget.norm, generator)
+
+
 def _step(x: Tensor, grad: Tensor, alpha: float | Tensor, norm: str) -> Tensor:
     """One descent step of size ``alpha`` (a number, or one per sample shaped [n, 1, ...])."""
     if norm == "linf":
@@ -319,7 +346,7 @@ def pgd(
         raise ValueError("flat_tol is the fixed step rule's batch stop (HM); APGD decides its own steps")
     x0 = x0.detach()
     if budget.eps == 0 or budget.steps == 0:
-        if budget.eps > 0 and budget.random_start:
+        if _random_starts(budget, start is not None):
             x0 = _random_start(x0, budget.eps, budget.norm, generator)
         with torch.no_grad():
             loss = objective(x0)
@@ -331,7 +358,7 @@ def pgd(
     for restart in range(budget.restarts):
         if restart == 0 and start is not None:
             begin = project(start.detach(), x0, budget.eps, budget.norm)
-        elif budget.random_start and not (restart == 0 and budget.restarts > 1):
+        elif _is_random_restart(budget, restart):
             begin = _random_start(x0, budget.eps, budget.norm, generator)
         else:
             begin = x0

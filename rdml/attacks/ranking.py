@@ -5,7 +5,10 @@ and Defense in Deep Ranking", TPAMI 2024): the *gallery* (``Database``) is the b
 embedding of the retrieval set, computed once; each attacked image (a query, or for CA a candidate) is
 perturbed within an eps ball while the gallery stays clean. Each attack is a small class with
 
-* ``setup(db, batch, generator)``: choose the targets from the *benign* gallery (seeded);
+* ``setup(db, batch, generator)``: choose the targets from the *benign* gallery (seeded). How many
+  numbers it draws may depend on the batch's size, its self rows and the gallery's size, never on
+  embedding values (and ``skip_perturb`` mirrors ``perturb``'s draws): a shard of a sharded
+  evaluation replays the earlier batches' draws from that alone (:mod:`rdml.eval.shards`);
 * ``loss(emb, ctx)``: per-sample loss of the perturbed embeddings, minimised by :func:`pgd`;
 * ``measure(adv, ctx)``: per-sample reported numbers in rdml's units (:mod:`rdml.metrics`): rank
   percentiles and R@1 as fractions, TMA a cosine, ES:D a distance;
@@ -51,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdml.attacks.base import Attack
-from rdml.attacks.pgd import PGDResult, pgd
+from rdml.attacks.pgd import PGDResult, pgd, skip_draws
 from rdml.attacks.profiles import AttackSpec
 from rdml.metrics import COSINE, DISTANCE, FRACTION, HIGHER, LOWER, RATIO, MetricSpec
 
@@ -221,6 +224,14 @@ class RankingAttack(Attack):
 
     def measure(self, adv: Tensor, ctx: dict) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def skip_perturb(self, x0: Tensor, generator: torch.Generator | None) -> None:
+        """Advance ``generator`` exactly as :meth:`perturb` on ``x0`` would (its random starts), without attacking.
+
+        A subclass that draws differently in :meth:`perturb` must say so here too: sharded evaluation
+        (:mod:`rdml.eval.shards`) replays the draws of the batches before a shard with it.
+        """
+        skip_draws(x0, self.budget, generator)
 
     def perturb(self, model: nn.Module, x0: Tensor, ctx: dict, generator: torch.Generator | None) -> Perturbed:
         """PGD on :meth:`loss` from the clean batch; samples outside :meth:`active` keep their clean input.

@@ -33,13 +33,52 @@ from rdml.attacks.pgd import frozen_eval
 from rdml.attacks.profiles import AttackSpec
 from rdml.attacks.ranking import Batch, Database, RankingAttack, build_ranking_attack
 
-__all__ = ["AttackOutcome", "attack_generator", "attack_queries", "dataset_labels", "embed_indices", "iter_batches",
+__all__ = ["AttackOutcome", "attack_generator", "attack_generators", "attack_queries", "batch_context", "clean_rows",
+           "dataset_labels", "embed_indices", "iter_batches", "merge_outcomes", "replay_generators",
            "run_ranking_attack"]
 
 
 def attack_generator(seed: int, key: str) -> torch.Generator:
     """A CPU generator for one attack's target sampling, stable per (eval seed, attack key)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+
+
+def attack_generators(seed: int, key: str) -> tuple[torch.Generator, torch.Generator]:
+    """The two generators of a ranking attack run: target sampling (``setup``) and PGD's random starts."""
+    return attack_generator(seed, key), attack_generator(seed + 1, key)
+
+
+def batch_context(attack: RankingAttack, model: nn.Module, x0: Tensor, self_index: Tensor, labels: Tensor,
+                  db: Database, generator: torch.Generator) -> tuple[Batch, dict]:
+    """A batch as the attack sees it (clean rows, its clean reference) and its targets (``attack.setup``)."""
+    clean_db = clean_rows(model, x0, self_index, db)
+    clean = attack.clean_reference(model, x0, clean_db)
+    batch = Batch(self_index=self_index, labels=labels, clean=clean, clean_db=clean_db)
+    return batch, attack.setup(db, batch, generator)
+
+
+def replay_generators(attack: RankingAttack, generators: tuple[torch.Generator, torch.Generator], db: Database,
+                      own: np.ndarray, labels: np.ndarray, image_shape: Sequence[int], batch_size: int,
+                      batches: int) -> tuple[torch.Generator, torch.Generator]:
+    """Advance an attack run's generators past its first ``batches`` batches without attacking.
+
+    :func:`run_ranking_attack` draws, per batch, the targets (``attack.setup``) and PGD's random starts
+    (``attack.skip_perturb``); both depend only on the batch's shape, its self rows and the gallery's size,
+    never on embedding values (the contract of :mod:`rdml.attacks.ranking`). So the replay feeds ``setup``
+    the gallery's rows (zeros for items outside it) and ``skip_perturb`` an empty batch: no image is
+    loaded and the model never runs. ``own``/``labels``: per attacked item, its gallery row (-1: none)
+    and its label, from the first item on.
+    """
+    generator, pgd_generator = generators
+    device = db.emb.device
+    for b in range(batches):
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        idx = torch.as_tensor(own[rows], device=device)
+        clean = torch.where((idx >= 0).view(-1, 1), db.emb[idx.clamp_min(0)], torch.zeros_like(db.emb[:1]))
+        batch = Batch(self_index=idx, labels=torch.as_tensor(labels[rows], device=device), clean=clean, clean_db=clean)
+        attack.setup(db, batch, generator)
+        attack.skip_perturb(torch.empty((len(idx), *image_shape)), pgd_generator)
+    return generator, pgd_generator
 
 
 def iter_batches(dataset: Dataset, indices: Sequence[int], batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -128,19 +167,20 @@ def run_ranking_attack(
     self_index: Sequence[int] | None = None,
     labels: Sequence[int] | None = None,
     gallery_dataset: Dataset | None = None,
+    generators: tuple[torch.Generator, torch.Generator] | None = None,
 ) -> AttackOutcome:
     """Attack every sample in ``dataset[indices]`` with ``attack`` (an object or a spec) against the benign ``db``.
 
     By default ``dataset`` *is* the gallery: sample i's own row is ``db`` row i ("self", masked) and its
     label is the gallery's. For queries outside the gallery pass ``self_index`` (per attacked sample, its
     gallery row or -1), ``labels`` (per attacked sample) and, for the examples' retrieved images,
-    ``gallery_dataset``.
+    ``gallery_dataset``. ``generators``: where this run's draws start (a shard of a longer run,
+    :func:`replay_generators`); None: the run's own, :func:`attack_generators` of (``seed``, key).
     """
     atk = _as_attack(attack, key)
     spec = atk.spec
     key = key or atk.key
-    generator = attack_generator(seed, key)
-    pgd_generator = attack_generator(seed + 1, key)
+    generator, pgd_generator = generators if generators is not None else attack_generators(seed, key)
     labels_all = db.labels
     indices = np.asarray(indices, dtype=np.int64)
     own = indices if self_index is None else np.asarray(self_index, dtype=np.int64)
@@ -165,10 +205,7 @@ def run_ranking_attack(
             rows = slice(start, start + len(x0))
             start += len(x0)
             idx = own_t[rows].to(device)
-            clean_db = _clean_rows(model, x0, idx, db)
-            clean = atk.clean_reference(model, x0, clean_db)
-            batch = Batch(self_index=idx, labels=query_labels[rows].to(device), clean=clean, clean_db=clean_db)
-            ctx = atk.setup(db, batch, generator)
+            batch, ctx = batch_context(atk, model, x0, idx, query_labels[rows].to(device), db, generator)
             res = atk.perturb(model, x0, ctx, pgd_generator)
             passes += res.result.passes
             sizes.append((len(x0), res.result.passes))
@@ -186,7 +223,7 @@ def run_ranking_attack(
                 take = min(keep_examples - have, len(x0))
                 with torch.no_grad():
                     k = min(topk, len(db) - batch.self_count())
-                    c_top = db.dist_masked(clean_db[:take], idx[:take]).topk(k, largest=False).indices
+                    c_top = db.dist_masked(batch.clean_db[:take], idx[:take]).topk(k, largest=False).indices
                     a_top = db.dist_masked(adv[:take], idx[:take]).topk(k, largest=False).indices
                 pos = torch.as_tensor(indices[rows][:take])
                 for name, t in (("clean", x0[:take]), ("adv", adv_x[:take]), ("index", pos),
@@ -218,7 +255,32 @@ def run_ranking_attack(
     return outcome
 
 
-def _clean_rows(model: nn.Module, x0: Tensor, self_index: Tensor, db: Database) -> Tensor:
+def merge_outcomes(parts: Sequence[AttackOutcome]) -> AttackOutcome:
+    """One attack's outcome over consecutive shards of its query set, as if it had run over all of them.
+
+    Per-item arrays are concatenated in shard order, passes add up, ``seconds`` is the time summed over
+    the shards (attack time, not wall time, when they ran in parallel); the examples are the first shard's.
+    """
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+
+    def cat(arrays):
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+    adv = [p.adv_images for p in parts]
+    return AttackOutcome(
+        key=first.key, spec=first.spec, indices=np.concatenate([p.indices for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        values={name: np.concatenate([p.values[name] for p in parts]) for name in first.values},
+        iterations=np.concatenate([p.iterations for p in parts]), passes=sum(p.passes for p in parts),
+        batch_passes=[bp for p in parts for bp in p.batch_passes], seconds=sum(p.seconds for p in parts),
+        adv_images=None if any(a is None for a in adv) else torch.cat(adv),  # type: ignore[arg-type]
+        examples=first.examples, targets=cat([p.targets for p in parts]), self_index=cat([p.self_index for p in parts]),
+    )
+
+
+def clean_rows(model: nn.Module, x0: Tensor, self_index: Tensor, db: Database) -> Tensor:
     """The clean embeddings of a batch as the gallery has them: gallery rows, or a forward for queries outside it."""
     has = self_index >= 0
     if bool(has.all()):

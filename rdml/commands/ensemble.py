@@ -139,6 +139,9 @@ def _run(args: argparse.Namespace) -> int:
     from rdml.ensemble.validate import check_ensemble
 
     check_ensemble(cfg)  # the defense, ensemble.* and the mode's requirements together, before anything starts
+    if args.no_ray and cfg.eval.workers:
+        raise ConfigError(f"eval.workers={cfg.eval.workers} shards the final evaluation over Ray actors, but --no-ray "
+                          "runs without Ray: drop --no-ray, or --set eval.workers=0")
     splits = build_datasets(cfg.data)  # DataError now, before Ray or MLflow start
     from rdml.data.check import check_dataset
 
@@ -298,7 +301,14 @@ def _robustness(cfg, backend, splits, result, default_profiles, robustness_of) -
     if backend.name == "ray":  # ...while the driver attacks the ensemble: no OpenMP oversubscription
         torch.set_num_threads(cfg.train.threads or 1)
     try:
-        robust = robustness_of({"ensemble": result.model}, queries, cfg, profiles, gallery=gallery)
+        if backend.name == "ray" and cfg.eval.workers:  # the ensemble's attacks sharded over attack workers
+            from rdml.distributed.attack_workers import RayAttackWorkers
+
+            with RayAttackWorkers(cfg.eval.workers, threads=cfg.eval.worker_threads) as workers:
+                robust = robustness_of({"ensemble": result.model}, queries, cfg, profiles, gallery=gallery,
+                                       executor=workers)
+        else:
+            robust = robustness_of({"ensemble": result.model}, queries, cfg, profiles, gallery=gallery)
     finally:
         torch.set_num_threads(threads)
     robust.update({f"member_{k}": row for k, row in enumerate(wait())})

@@ -22,13 +22,19 @@ version, queries, seeds, benign metrics, every attack, ERS, worst case, interval
 id): <stem>.card.json beside --json, or --card PATH, else ./rdml-cards/<model>.<profile>.card.json;
 with --track it is also logged as the run's artifact cards/<file>, which `rdml leaderboard` collects.
 The worst-case profiles (worst28, worst224) craft their transfer attacks on --surrogate.
+
+--workers N shards the attacks over N Ray actors (rdml.eval.shards; one GPU each where the cluster has
+GPUs), the gallery embedded once and sent through the object store; every per-query number is the
+one-process number, bit for bit (same device kind and threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--surrogate", default=None, metavar="PATH",
                         help="worst-case profiles: an independently trained model (checkpoint or run directory, "
                              "or a TorchScript file) the transfer attacks are crafted on")
+    parser.add_argument("--workers", type=at_least(0, "attack workers"), default=0, metavar="N",
+                        help="shard the attacks over N Ray actors (one GPU each where the cluster has GPUs), same "
+                             "numbers as in one process (default 0: in this process)")
+    parser.add_argument("--threads", type=at_least(1, "torch threads"), default=1, metavar="T",
+                        help="with --workers: torch threads (and Ray CPUs) per worker (default 1)")
+    parser.add_argument("--address", default=None,
+                        help="with --workers: the Ray cluster to join (default RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--card", default=None, metavar="PATH",
                         help="write the robustness card here (default: <json stem>.card.json beside --json, else "
                              "rdml-cards/<model>.<profile>.card.json)")
@@ -153,13 +166,15 @@ def evaluate_checkpoint(checkpoint: str | Path | None, profile: str | None = Non
                         max_queries: int | None = None, batch_size: int | None = None, seed: int | None = None,
                         curve: bool = False, masking_check: bool = False, examples: int = 6,
                         progress: bool = True, intervals: int = 1000, source: Any = None,
-                        surrogate: Any = None, before: Any = None) -> tuple[dict[str, Any], Any, Any]:
+                        surrogate: Any = None, before: Any = None, executor: Any = None
+                        ) -> tuple[dict[str, Any], Any, Any]:
     """(flat metrics, RunEvaluation, config) of a model; the command's side of :func:`rdml.evaluate`.
 
     ``checkpoint`` is any path :func:`rdml.ensemble.load.load_any_model` takes (training checkpoint or run
     directory, ensemble run directory or manifest.json, ensemble member file); ``source`` a loaded
     user model (:func:`user_model_source`) instead. ``before(cfg)`` runs once the model's config is
-    known and before any evaluation (the tracking pre-check of ``--track``).
+    known and before any evaluation (the tracking pre-check of ``--track``). ``executor``: the attack
+    workers of ``--workers`` (:mod:`rdml.distributed.attack_workers`).
     """
     from rdml.api import evaluate
     from rdml.data import build_datasets
@@ -182,8 +197,37 @@ def evaluate_checkpoint(checkpoint: str | Path | None, profile: str | None = Non
                    keep_examples=examples, progress=progress, name=str(checkpoint or loaded.description),
                    run_seed=None if source is not None else cfg.train.seed, surrogate=surrogate,
                    model_info=_model_info(checkpoint, loaded, cfg) if source is None else
-                   {"description": loaded.description})
+                   {"description": loaded.description}, executor=executor)
     return dict(run.metrics), run, cfg
+
+
+@contextlib.contextmanager
+def _attack_workers(args: argparse.Namespace) -> Iterator[Any]:
+    """``--workers N``: N Ray attack workers (joining ``--address`` or a local loopback-only Ray) for the
+    whole command, released at its end; else None (everything in this process)."""
+    if not args.workers:
+        if args.threads != 1 or args.address:
+            raise ConfigError("--threads and --address go with --workers N (the Ray attack workers)")
+        yield None
+        return
+    import os
+
+    from rdml.config import build_config
+    from rdml.distributed.attack_workers import RayAttackWorkers
+    from rdml.distributed.connect import connect
+
+    started = connect(build_config({}), args.address, num_cpus=max(os.cpu_count() or 1, args.workers * args.threads))
+    try:
+        with RayAttackWorkers(args.workers, threads=args.threads) as workers:
+            if not args.quiet:
+                devices = sorted({w["device"] for w in workers.info})
+                print(f"{args.workers} attack workers ({', '.join(devices)}, {args.threads} thread(s) each)")
+            yield workers
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _tracking_precheck(cfg: Any) -> None:
@@ -279,14 +323,15 @@ def run(args: argparse.Namespace) -> int:
     surrogate = load_surrogate(args.surrogate)
     before = _tracking_precheck if args.track else None
     results, runs, cfgs = {}, [], []
-    for path, source in models:
-        metrics, run_eval, cfg = evaluate_checkpoint(
-            None if source is not None else path, args.profile, device=args.device, max_queries=args.max_queries,
-            batch_size=args.batch_size, seed=args.seed, curve=args.curve, masking_check=args.masking_check,
-            examples=args.examples, progress=not args.quiet, intervals=args.intervals, source=source,
-            surrogate=surrogate, before=before,
-        )
-        results[path], runs, cfgs = metrics, [*runs, run_eval], [*cfgs, cfg]
+    with _attack_workers(args) as executor:
+        for path, source in models:
+            metrics, run_eval, cfg = evaluate_checkpoint(
+                None if source is not None else path, args.profile, device=args.device, max_queries=args.max_queries,
+                batch_size=args.batch_size, seed=args.seed, curve=args.curve, masking_check=args.masking_check,
+                examples=args.examples, progress=not args.quiet, intervals=args.intervals, source=source,
+                surrogate=surrogate, before=before, executor=executor,
+            )
+            results[path], runs, cfgs = metrics, [*runs, run_eval], [*cfgs, cfg]
     rows = dict(results)
     if len(runs) > 1:
         from rdml.eval.compare import combine

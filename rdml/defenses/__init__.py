@@ -14,6 +14,7 @@ through the same constructor (:meth:`Defense.from_config`). The training loop ca
 | hm    | move each triplet's hardness to a destination (sampler / schedule)    | <= eta + 1 (+1 ICS)|
 | panum | one role per clean tuple perturbed vs detached refs, enlarged batch   | eta + 1            |
 | minmax| PGD maximising the metric loss (triplets fixed per step), then train  | eta + 1            |
+| catride| CA-TRIDE: candidates or anchor perturbed in turn, to the collapse edge | <= eta + 1        |
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from rdml.config import DefenseConfig, LossConfig
 from rdml.defenses.act import AntiCollapseTriplet
 from rdml.defenses.base import Defense, DefenseOutput, StepState
+from rdml.defenses.catride import CollapseAwareTripletDecoupling
 from rdml.defenses.est import EmbeddingShiftedTriplet
 from rdml.defenses.hm import HardnessManipulation
 from rdml.defenses.minmax import MinMax
@@ -37,6 +39,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "hm": HardnessManipulation,
     "panum": PanumRobust,
     "minmax": MinMax,
+    "catride": CollapseAwareTripletDecoupling,
 }
 
 
@@ -49,5 +52,5 @@ def build_defense(defense_cfg: DefenseConfig, loss_cfg: LossConfig, loss: nn.Mod
     return cls.from_config(defense_cfg, loss_cfg, loss)
 
 
-__all__ = ["DEFENSES", "AntiCollapseTriplet", "Defense", "DefenseOutput", "EmbeddingShiftedTriplet",
+__all__ = ["DEFENSES", "AntiCollapseTriplet", "CollapseAwareTripletDecoupling", "Defense", "DefenseOutput", "EmbeddingShiftedTriplet",
            "HardnessManipulation", "MinMax", "NoDefense", "PanumRobust", "StepState", "build_defense"]

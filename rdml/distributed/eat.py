@@ -183,10 +183,11 @@ def _remote_classes() -> Any:
 def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
     """Connect to the cluster (see :mod:`rdml.distributed.connect`) or start a local Ray; True if started here.
 
-    A local Ray gets at least ``members * cpus_per_member`` logical CPUs (members share the cores
-    when there are fewer; each actor runs ``cpus_per_member`` threads).
+    A local Ray gets at least ``members * cpus_per_member`` logical CPUs, plus the final evaluation's
+    attack workers (``eval.workers * eval.worker_threads``); members share the cores when there are
+    fewer; each actor runs ``cpus_per_member`` threads.
     """
-    need = math.ceil(cfg.ensemble.members * cfg.ensemble.cpus_per_member)
+    need = math.ceil(cfg.ensemble.members * cfg.ensemble.cpus_per_member) + cfg.eval.workers * cfg.eval.worker_threads
     return connect(cfg, address, num_cpus=max(os.cpu_count() or 1, need))
 
 

@@ -20,9 +20,10 @@ def default_profiles(cfg: ExperimentConfig, image_size: int) -> list[str]:
 
 
 def robustness_of(models: dict[str, Any], dataset, cfg: ExperimentConfig, profiles: Sequence[str],
-                  device: str = "cpu", intervals: int = 1000, gallery=None) -> dict[str, dict[str, float]]:
+                  device: str = "cpu", intervals: int = 1000, gallery=None, executor=None) -> dict[str, dict[str, float]]:
     """``{model name: {metric: value}}`` for every model under every profile (white-box, end to end),
-    with bootstrap 95% intervals over the attacked queries (``ci.<key>.low/high``)."""
+    with bootstrap 95% intervals over the attacked queries (``ci.<key>.low/high``); ``executor``: attack
+    workers to shard the attacks over (:mod:`rdml.eval.shards`)."""
     from rdml.eval.robustness import evaluate_robustness
 
     out: dict[str, dict[str, float]] = {}
@@ -31,7 +32,7 @@ def robustness_of(models: dict[str, Any], dataset, cfg: ExperimentConfig, profil
         for profile in profiles:
             result = evaluate_robustness(model.eval(), dataset, profile, device=device, seed=cfg.eval.attack_seed,
                                          max_queries=cfg.eval.max_queries, batch_size=cfg.data.eval_batch_size,
-                                         progress=False, intervals=intervals, gallery=gallery)
+                                         progress=False, intervals=intervals, gallery=gallery, executor=executor)
             row.update({k: float(v) for k, v in result.items()})
         out[name] = row
     return out

@@ -124,13 +124,14 @@ def evaluate_run(model: nn.Module, dataset: Dataset, profile: str | Path | Attac
                  batch_size: int = 256, max_queries: int | None = None, n_boot: int = N_BOOT,
                  nmi_boot: int = 200, progress: bool = False, keep_examples: int = 0,
                  kmeans_seed: int = 0, gallery: Dataset | None = None,
-                 surrogate: nn.Module | None = None) -> RunEvaluation:
+                 surrogate: nn.Module | None = None, executor: Any = None) -> RunEvaluation:
     """Benign metrics and (with ``profile``) the attacks of one model, every number with an interval
     (``n_boot`` bootstrap resamples; 0: no intervals).
 
     ``dataset`` holds the queries; without ``gallery`` they are also the gallery (each query's own
     item excluded), with ``gallery`` they search it. ``surrogate``: a worst-case profile's transfer
-    source (:mod:`rdml.eval.worst_case`). :func:`rdml.evaluate` is the public front of this
+    source (:mod:`rdml.eval.worst_case`); ``executor``: attack workers (:mod:`rdml.eval.shards`).
+    :func:`rdml.evaluate` is the public front of this
     function (tensors, any embedding model, flags, curve and masking check).
     """
     from rdml.attacks.inputs import dataset_labels
@@ -151,7 +152,7 @@ def evaluate_run(model: nn.Module, dataset: Dataset, profile: str | Path | Attac
         (torch.from_numpy(g_emb), dataset_labels(gallery))
     rob = evaluate_robustness(model, dataset, profile, device=device, seed=attack_seed, max_queries=max_queries,
                               batch_size=batch_size, progress=progress, intervals=n_boot, keep_examples=keep_examples,
-                              database=database, gallery=gallery, surrogate=surrogate)
+                              database=database, gallery=gallery, surrogate=surrogate, executor=executor)
     result.metrics.update({k: float(v) for k, v in rob.items()})
     result.attack_per_query = rob.per_query_metrics()
     result.indices = rob.indices

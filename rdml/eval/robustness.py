@@ -7,9 +7,11 @@ to end). It
 1. embeds the gallery once (the benign database, batched): the whole test set, whose items are also
    the queries (each query's own row excluded), or a separate ``gallery`` (In-Shop; nothing excluded);
 2. picks the attacked queries (all, or a seeded subset of ``max_queries``);
-3. builds the profile's attack objects (:meth:`AttackProfile.build`) and runs every ranking attack
-   through :func:`rdml.attacks.runner.run_ranking_attack` and the clustering attacks through
-   :func:`rdml.attacks.clustering.attack_clusters`: the same code an attack object runs when called;
+3. builds the profile's attack objects (:meth:`AttackProfile.build`) and runs them as the tasks of
+   :mod:`rdml.eval.shards` (here, or on the workers of ``executor``): every ranking attack through
+   :func:`rdml.attacks.runner.run_ranking_attack` on runs of whole query batches, each clustering
+   attack through :func:`rdml.attacks.clustering.attack_clusters`: the same code an attack object runs
+   when called; the per-query results are merged in order, so the numbers do not depend on the split;
 4. returns a flat dict in rdml's units (:mod:`rdml.metrics`): ``attacks.<name>`` (rank percentiles
    and R@1 as fractions, TMA a cosine, ES:D a distance), ``ers`` (points) and ``collapse`` for ERS
    profiles, ``clustering.<attack>.<metric>`` and
@@ -31,10 +33,10 @@ two get a 95% bootstrap interval over the attacked queries (:mod:`rdml.eval.inte
 ``ci.<key>.low`` / ``ci.<key>.high``. A profile may hold several groups of the ten ERS attacks told
 apart by a label prefix (``2eps/CA+`` ...); each complete group gets its own ERS (``ers.2eps``).
 
-A profile with a ``worst_case`` section (``worst28``, ``worst224``) runs its ranking attacks *probed* and
-then :func:`rdml.eval.worst_case.run_worst_case`: per attacked item the worst rank of its true match,
-R@1 and AP over every attack of the suite (the black-box search and, given a ``surrogate`` model, the
-transfer attacks included), reported as ``worst.recall@1``, ``worst.map``, ``worst.rank``, per group
+A profile with a ``worst_case`` section (``worst28``, ``worst224``) runs its ranking attacks *probed*, and
+in the same shards the black-box search and (given a ``surrogate`` model) the transfer attacks; then
+:func:`rdml.eval.worst_case.build_worst_case` keeps per attacked item the worst rank of its true match,
+R@1 and AP over every attack of the suite, reported as ``worst.recall@1``, ``worst.map``, ``worst.rank``, per group
 (``worst.whitebox.*``...) and ``worst.masking`` (1 when a weaker attack beat the white-box ones), with
 ``ci.worst.*`` intervals from the same resampling. ``result.worst`` holds the per-item values. Other
 profiles run exactly as before.
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,26 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from rdml.attacks.clustering import CLUSTER_METRICS, ClusteringOutcome, attack_clusters, cluster_scores
+from rdml.attacks.clustering import CLUSTER_METRICS, ClusteringOutcome, cluster_scores
 from rdml.attacks.ers import embedding_spread, ers, is_collapsed
 from rdml.attacks.inputs import dataset_labels
+from rdml.attacks.pgd import frozen_eval
 from rdml.attacks.profiles import ERS_KEYS, AttackProfile, load_profile
 from rdml.attacks.ranking import Batch, Database, _top1_correct
-from rdml.attacks.runner import AttackOutcome, embed_indices, run_ranking_attack
+from rdml.attacks.runner import AttackOutcome, embed_indices
+from rdml.attacks.worst_case import with_probe
 from rdml.eval.intervals import Interval, bootstrap
+from rdml.eval.shards import (
+    AttackPlan,
+    ClusteringTask,
+    InProcess,
+    QueryShard,
+    ShardExecutor,
+    merge_shards,
+    plan_tasks,
+    run_task,
+)
+from rdml.eval.worst_case import build_worst_case, clean_member, skipped_groups, take_probes, transfer_attacks
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +198,7 @@ def evaluate_robustness(
     intervals: int = 0,
     gallery: Dataset | None = None,
     surrogate: nn.Module | None = None,
+    executor: ShardExecutor | None = None,
 ) -> RobustnessResult:
     """Run ``profile`` against ``model``: the queries are ``dataset``, the gallery ``gallery`` or ``dataset`` itself.
 
@@ -198,6 +213,8 @@ def evaluate_robustness(
     they are computed here, in batches of ``batch_size``). Clustering attacks cluster the attacked queries.
     ``surrogate``: the independently trained model a worst-case profile crafts its transfer attacks on
     (ignored by other profiles; without it the transfer check is skipped and the result says so).
+    ``executor``: runs the attack work in shards elsewhere (:mod:`rdml.eval.shards`; e.g. Ray actors,
+    ``rdml evaluate --workers N``) with the same per-query numbers; None: here, in one shard.
     """
     prof = load_profile(profile)
     device = torch.device(device)
@@ -224,31 +241,23 @@ def evaluate_robustness(
     result.indices = indices
     result.spread = embedding_spread(db_emb.cpu().numpy())
     result.clean_correct = _clean_top1_correct(db, indices, own, query_labels, model, dataset, batch_size, device)
-    attacks = prof.build()
-    ranking = [a for a in attacks if a.threat == "ranking"]
-    clustering = [a for a in attacks if a.threat == "clustering"]
-    worst = prof.worst_case is not None
+    plan = _plan(prof, model, dataset, db, indices, own, query_labels, gallery, surrogate, batch_size, seed, device)
+    executor = executor if executor is not None else InProcess(device)
+    tasks = plan_tasks(plan, 1 if executor.workers <= 1 else executor.workers * SHARDS_PER_WORKER,
+                       keep_examples=keep_examples, keep_images=keep_images, progress=progress and executor.workers <= 1)
+    done = executor.map(run_task, plan, tasks)
+    shards = merge_shards([r for r, t in zip(done, tasks, strict=True) if isinstance(t, QueryShard)])
+    clustered = [r for r, t in zip(done, tasks, strict=True) if isinstance(t, ClusteringTask)]
     probes: dict[str, dict[str, np.ndarray]] = {}
-    if worst:
-        from rdml.attacks.worst_case import with_probe
-        from rdml.eval.worst_case import run_worst_case, take_probes
-
-        ranking = [with_probe(a) for a in ranking]
-    for i, attack in enumerate(ranking):
-        outcome = run_ranking_attack(
-            model, dataset, indices, attack, db, key=attack.key, batch_size=batch_size, device=device, seed=seed,
-            progress=progress, keep_images=keep_images, keep_examples=keep_examples if i == 0 else 0,
-            self_index=None if gallery is None else own, labels=None if gallery is None else query_labels[indices],
-            gallery_dataset=gallery,
-        )
+    for outcome in shards.outcomes:
         result.outcomes.append(outcome)
-        if worst:
+        if prof.worst_case is not None:
             probes[outcome.key] = take_probes(outcome)
         for name, value in outcome.summary().items():
             result[f"attacks.{name}"] = value
         if outcome.examples is not None:
             result.examples = outcome.examples
-        log.info("attack %s: %s (%d passes, %.1f s)", attack.key, outcome.summary(), outcome.passes, outcome.seconds)
+        log.info("attack %s: %s (%d passes, %.1f s)", outcome.key, outcome.summary(), outcome.passes, outcome.seconds)
 
     per_query = result.per_query_metrics()
     for name, values in per_query.items():
@@ -278,10 +287,10 @@ def evaluate_robustness(
         for name, iv in result.intervals.items():
             key = name if name.startswith("ers") else f"attacks.{name}"
             result[f"ci.{key}.low"], result[f"ci.{key}.high"] = iv.low, iv.high
-    if worst:
-        result.worst = run_worst_case(result, probes, prof, model, dataset, indices, own, query_labels[indices], db,
-                                      surrogate=surrogate, gallery=gallery, batch_size=batch_size, device=device,
-                                      seed=seed, progress=progress)
+    if prof.worst_case is not None:
+        clean = clean_member(db, indices, own, query_labels[indices], model, dataset, batch_size, device)
+        result.worst = build_worst_case(clean, indices, result.outcomes, probes, shards.members,
+                                        skipped_groups(prof.worst_case, surrogate is not None))
         result.update(result.worst.metrics())
         if intervals:
             worst_iv = bootstrap(result.worst.per_query, n_boot=intervals, seed=seed)
@@ -289,9 +298,43 @@ def evaluate_robustness(
             for name, iv in worst_iv.items():
                 result[f"ci.{name}.low"], result[f"ci.{name}.high"] = iv.low, iv.high
 
-    if clustering:
-        _clustering(result, model, dataset, indices, clustering, query_labels, batch_size, device, seed, progress)
+    for clean_scores, outcome in clustered:
+        for name, value in clean_scores.items():
+            result[f"clustering.clean.{name}"] = value
+        result.clustering.append(outcome)
+        for name, value in outcome.values.items():
+            result[f"clustering.{outcome.key}.{name}"] = value
+        log.info("clustering attack %s: NMI %.3f (%d passes)", outcome.key,
+                 result.get(f"clustering.{outcome.key}.nmi", math.nan), outcome.passes)
     return result
+
+
+SHARDS_PER_WORKER = 4
+"""Shards per worker of a sharded evaluation: enough for the workers to even out uneven batches."""
+
+
+def _plan(prof: AttackProfile, model: nn.Module, dataset: Dataset, db: Database, indices: np.ndarray, own: np.ndarray,
+          query_labels: np.ndarray, gallery: Dataset | None, surrogate: nn.Module | None, batch_size: int, seed: int,
+          device) -> AttackPlan:
+    """The evaluation's tasks' common input: the profile's attack objects (probed for a worst-case suite, with
+    its black-box settings and, given a surrogate, its transfer attacks on the surrogate's own gallery)."""
+    attacks = prof.build()
+    ranking = [a for a in attacks if a.threat == "ranking"]
+    settings = prof.worst_case
+    plan = AttackPlan(model=model, dataset=dataset, db=db, indices=indices, own=own, labels=query_labels[indices],
+                      all_labels=query_labels, attacks=ranking, clustering=[a for a in attacks if a.threat == "clustering"],
+                      gallery=gallery, batch_size=batch_size, seed=seed)
+    if settings is None:
+        return plan
+    plan.attacks = [with_probe(a) for a in ranking]
+    plan.blackbox = settings.blackbox if settings.blackbox.queries > 0 else None
+    if settings.transfer and surrogate is not None:
+        source = dataset if gallery is None else gallery
+        with frozen_eval(surrogate):
+            s_emb = embed_indices(surrogate, source, np.arange(len(source)), batch_size, device)  # type: ignore[arg-type]
+        plan.transfer, plan.surrogate = transfer_attacks(settings), surrogate
+        plan.surrogate_db = Database(s_emb.detach(), db.labels)
+    return plan
 
 
 def ers_groups(metrics: dict[str, float]) -> list[str]:
@@ -324,18 +367,3 @@ def _clean_top1_correct(db: Database, indices: np.ndarray, own: np.ndarray, labe
         batch = Batch(self_index=idx, labels=lab, clean=emb, clean_db=emb)
         out.append(_top1_correct(emb, db, batch).bool().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
-
-
-def _clustering(result: RobustnessResult, model: nn.Module, dataset: Dataset, indices: np.ndarray,
-                attacks: Sequence, labels_np: np.ndarray, batch_size: int, device, seed: int, progress: bool) -> None:
-    """Clustering attacks on the set ``dataset[indices]``; clean embeddings use the same batching."""
-    clean, outcomes = attack_clusters(attacks, model, dataset, indices, labels_np, batch_size=batch_size,
-                                      device=device, seed=seed, progress=progress)
-    for name, value in clean.items():
-        result[f"clustering.clean.{name}"] = value
-    for outcome in outcomes:
-        result.clustering.append(outcome)
-        for name, value in outcome.values.items():
-            result[f"clustering.{outcome.key}.{name}"] = value
-        log.info("clustering attack %s: NMI %.3f (%d passes)", outcome.key,
-                 result.get(f"clustering.{outcome.key}.nmi", math.nan), outcome.passes)

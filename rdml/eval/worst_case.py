@@ -1,17 +1,19 @@
 """The worst case over a suite, per attacked item, and the checks against gradient masking.
 
-:func:`rdml.eval.robustness.evaluate_robustness` calls :func:`run_worst_case` for a profile with a
-``worst_case`` section (``worst28``, ``worst224``) after its white-box attacks, which ran *probed*
-(:mod:`rdml.attacks.worst_case`): each reported, besides its own numbers, the rank of the item's true
-match, its R@1 and its AP with the adversarial item as a query against the clean gallery. This module
+:func:`rdml.eval.robustness.evaluate_robustness` runs a profile with a ``worst_case`` section
+(``worst28``, ``worst224``) in shards (:mod:`rdml.eval.shards`; one shard in one process by default):
+its white-box attacks ran *probed* (:mod:`rdml.attacks.worst_case`): each reported, besides its own
+numbers, the rank of the item's true match, its R@1 and its AP with the adversarial item as a query
+against the clean gallery. This module
 
 1. takes those probe values out of the attacks' outcomes (they are not ``attacks.*`` metrics);
 2. computes the clean member: the benign rank / R@1 / AP of the attacked items, with the benign code
    (:func:`rdml.eval.ranks.positive_ranks`), so an item no attack moved keeps exactly its benign value
    (an attack's value on an item whose input it left unchanged is replaced by the clean one);
-3. runs the black-box random search (:mod:`rdml.attacks.blackbox`) and the transfer attacks (the
-   profile's ``worst_case.transfer`` specs crafted on a user-given surrogate model, then embedded by the
-   target and probed against the target's clean gallery), batch by batch, seeded per (seed, key);
+3. runs, on a shard's items, the black-box random search (:mod:`rdml.attacks.blackbox`, one generator
+   per batch of the attacked items) and the transfer attacks (the profile's ``worst_case.transfer``
+   specs crafted on a user-given surrogate model with their own seeded targets, then embedded by the
+   target and probed against the target's clean gallery);
 4. keeps per item the worst value over every member (min R@1 and AP, max rank), over all of them and
    per group (``whitebox``, ``blackbox``, ``transfer``), and flags the model when a weaker group beats
    the white-box one by more than the metric's tolerance, in the robust direction of the registry
@@ -39,7 +41,7 @@ from rdml.attacks.blackbox import square_search
 from rdml.attacks.pgd import frozen_eval
 from rdml.attacks.profiles import AttackProfile
 from rdml.attacks.ranking import Batch, Database, RankingAttack
-from rdml.attacks.runner import attack_generator, embed_indices, iter_batches
+from rdml.attacks.runner import attack_generator, batch_context, clean_rows, embed_indices, iter_batches
 from rdml.attacks.worst_case import (
     WORST_METRICS,
     WorstCaseOutcome,
@@ -153,9 +155,10 @@ def _nanmax(table: np.ndarray) -> np.ndarray:
     return np.where(finite, np.nanmax(np.where(np.isfinite(table), table, -np.inf), axis=0), np.nan)
 
 
-def clean_member(db: Database, indices: np.ndarray, own: np.ndarray, query_labels: np.ndarray,
+def clean_member(db: Database, indices: np.ndarray, own: np.ndarray, labels: np.ndarray,
                  model: nn.Module, dataset: Dataset, batch_size: int, device) -> dict[str, np.ndarray]:
-    """Benign rank / R@1 / AP of the attacked items, from the benign code (so eps = 0 reproduces it exactly)."""
+    """Benign rank / R@1 / AP of the attacked items (``labels``: theirs), from the benign code (so eps = 0
+    reproduces it exactly)."""
     from rdml.eval.ranks import positive_ranks
 
     db_emb = db.emb.detach().cpu().numpy()
@@ -165,20 +168,8 @@ def clean_member(db: Database, indices: np.ndarray, own: np.ndarray, query_label
         return ranking_values(ranks[indices], num_pos[indices])
     with frozen_eval(model):
         q_emb = embed_indices(model, dataset, indices, batch_size, device).cpu().numpy()
-    ranks, num_pos = positive_ranks(q_emb, query_labels[indices], db_emb, db_labels)
+    ranks, num_pos = positive_ranks(q_emb, labels, db_emb, db_labels)
     return ranking_values(ranks, num_pos)
-
-
-def _batch(model: nn.Module, x0: Tensor, self_index: Tensor, labels: Tensor, db: Database) -> Batch:
-    """A batch's rows as the gallery has them (gallery rows, or a clean forward for items outside it)."""
-    has = self_index >= 0
-    if bool(has.all()):
-        clean = db.emb[self_index]
-    else:
-        with torch.no_grad():
-            fresh = model(x0)
-        clean = fresh if not bool(has.any()) else torch.where(has.view(-1, 1), db.emb[self_index.clamp_min(0)], fresh)
-    return Batch(self_index=self_index, labels=labels, clean=clean, clean_db=clean)
 
 
 def _values(emb: Tensor, db: Database, batch: Batch, moved: Tensor) -> dict[str, np.ndarray]:
@@ -191,23 +182,31 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
+def blackbox_generator(seed: int, batch: int) -> torch.Generator:
+    """The random search's generator for batch ``batch`` of the attacked items (one per batch: its draws
+    depend on when the search stops, so a shard could not replay them; suite version 2 on)."""
+    return attack_generator(seed, f"blackbox/batch{batch}")
+
+
 def run_blackbox(model: nn.Module, dataset: Dataset, indices: np.ndarray, own: np.ndarray, labels: np.ndarray,
-                 db: Database, settings: Any, *, batch_size: int, device, seed: int,
-                 progress: bool) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The random search over the attacked items, batch by batch (one generator for the whole run)."""
-    generator = attack_generator(seed, "blackbox")
+                 db: Database, settings: Any, *, batch_size: int, device, seed: int, progress: bool,
+                 first_batch: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The random search over the attacked items, batch by batch (``first_batch``: the number of the first)."""
     parts, queries = [], []
     started = time.perf_counter()
     start = 0
     with frozen_eval(model):
-        for images, _ in tqdm(iter_batches(dataset, indices, batch_size), desc="blackbox", disable=not progress,
-                              leave=False, total=(len(indices) + batch_size - 1) // batch_size):
+        for b, (images, _) in enumerate(tqdm(iter_batches(dataset, indices, batch_size), desc="blackbox",
+                                             disable=not progress, leave=False,
+                                             total=(len(indices) + batch_size - 1) // batch_size)):
             x0 = images.to(device)
             rows = slice(start, start + len(x0))
             start += len(x0)
             idx = torch.as_tensor(own[rows], device=device)
-            batch = _batch(model, x0, idx, torch.as_tensor(labels[rows], device=device), db)
-            res = square_search(model, x0, db, batch, settings.eps, settings.queries, settings.p_init, generator)
+            batch = Batch(self_index=idx, labels=torch.as_tensor(labels[rows], device=device),
+                          clean=(clean := clean_rows(model, x0, idx, db)), clean_db=clean)
+            res = square_search(model, x0, db, batch, settings.eps, settings.queries, settings.p_init,
+                                blackbox_generator(seed, first_batch + b))
             parts.append(_values(res.emb, db, batch, moved_inputs(res.x_adv, x0)))
             queries.append(res.queries.numpy())
     used = np.concatenate(queries) if queries else np.zeros(0)
@@ -217,75 +216,68 @@ def run_blackbox(model: nn.Module, dataset: Dataset, indices: np.ndarray, own: n
 
 def run_transfer(attack: RankingAttack, surrogate: nn.Module, model: nn.Module, dataset: Dataset,
                  indices: np.ndarray, own: np.ndarray, labels: np.ndarray, db: Database, surrogate_db: Database, *,
-                 key: str, batch_size: int, device, seed: int, progress: bool
+                 batch_size: int, device, generators: tuple[torch.Generator, torch.Generator], progress: bool
                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """``attack`` crafted on the surrogate (its own clean gallery, targets and seeds), probed on the target."""
-    generator, pgd_generator = attack_generator(seed, key), attack_generator(seed + 1, key)
+    generator, pgd_generator = generators
     parts, passes = [], 0
     started = time.perf_counter()
     start = 0
     with frozen_eval(surrogate, model):
-        for images, _ in tqdm(iter_batches(dataset, indices, batch_size), desc=key, disable=not progress,
+        for images, _ in tqdm(iter_batches(dataset, indices, batch_size), desc=attack.key, disable=not progress,
                               leave=False, total=(len(indices) + batch_size - 1) // batch_size):
             x0 = images.to(device)
             rows = slice(start, start + len(x0))
             start += len(x0)
             idx = torch.as_tensor(own[rows], device=device)
             lab = torch.as_tensor(labels[rows], device=device)
-            s_batch = _batch(surrogate, x0, idx, lab, surrogate_db)
-            s_batch.clean = attack.clean_reference(surrogate, x0, s_batch.clean_db)
-            ctx = attack.setup(surrogate_db, s_batch, generator)
+            _, ctx = batch_context(attack, surrogate, x0, idx, lab, surrogate_db, generator)
             res = attack.perturb(surrogate, x0, ctx, pgd_generator)
             passes += res.result.passes
-            t_batch = _batch(model, x0, idx, lab, db)
+            clean = clean_rows(model, x0, idx, db)
             with torch.no_grad():
                 emb = model(res.x_adv)
-            parts.append(_values(emb, db, t_batch, moved_inputs(res.x_adv, x0)))
+            parts.append(_values(emb, db, Batch(self_index=idx, labels=lab, clean=clean, clean_db=clean),
+                                 moved_inputs(res.x_adv, x0)))
     return _concat(parts), {"passes": float(passes), "seconds": time.perf_counter() - started}
 
 
-def run_worst_case(result: Any, probes: dict[str, dict[str, np.ndarray]], prof: AttackProfile, model: nn.Module,
-                   dataset: Dataset, indices: np.ndarray, own: np.ndarray, labels: np.ndarray, db: Database, *,
-                   surrogate: nn.Module | None, gallery: Dataset | None, batch_size: int, device, seed: int,
-                   progress: bool) -> WorstCase:
-    """Steps 2-4 of the module docstring after the white-box attacks of ``result`` ran probed.
+def transfer_attacks(settings: Any) -> list[RankingAttack]:
+    """The suite's transfer attacks as objects, keyed ``transfer/<key>``."""
+    specs = AttackProfile(name="transfer", attacks=settings.transfer).keyed()
+    return [spec.build(f"transfer/{key}") for key, spec in specs]
 
-    ``probes[key]`` are the probe values taken out of attack ``key``'s outcome (:func:`take_probes`);
-    ``labels`` are the attacked items' labels (aligned with ``indices``)."""
-    settings = prof.worst_case
-    assert settings is not None
-    wc = WorstCase(indices=indices, clean=clean_member(db, indices, own, _full_labels(labels, indices, dataset),
-                                                       model, dataset, batch_size, device))
-    for outcome in result.outcomes:
+
+def skipped_groups(settings: Any, has_surrogate: bool) -> dict[str, str]:
+    """The checks of the suite that do not run, and why."""
+    skipped = {}
+    if settings.blackbox.queries <= 0:
+        skipped["blackbox"] = "the profile's black-box budget is 0 queries"
+    if not settings.transfer:
+        skipped["transfer"] = "the profile has no transfer attacks"
+    elif not has_surrogate:
+        skipped["transfer"] = "no surrogate model given (rdml evaluate --surrogate PATH, rdml.evaluate(surrogate=...))"
+    return skipped
+
+
+Member = tuple[str, dict[str, np.ndarray], dict[str, float]]
+"""A worst-case member that is not a white-box attack: (group, per-item probe values, costs)."""
+
+
+def build_worst_case(clean: dict[str, np.ndarray], indices: np.ndarray, outcomes: list, probes: dict[str, dict],
+                     members: dict[str, Member], skipped: dict[str, str]) -> WorstCase:
+    """Step 4: the white-box attacks' probes and the other members, the worst case per item, the flag."""
+    wc = WorstCase(indices=indices, clean=clean, skipped=dict(skipped))
+    for outcome in outcomes:
         if outcome.key in probes:
             wc.add(outcome.key, "whitebox", probes[outcome.key])
             wc.costs[outcome.key] = {"passes": float(outcome.passes), "seconds": outcome.seconds}
-    if settings.blackbox.queries > 0:
-        values, cost = run_blackbox(model, dataset, indices, own, labels, db, settings.blackbox,
-                                    batch_size=batch_size, device=device, seed=seed, progress=progress)
-        wc.add("blackbox", "blackbox", values)
-        wc.costs["blackbox"] = cost
+    for key, (group, values, cost) in members.items():
+        wc.add(key, group, values)
+        wc.costs[key] = cost
+    if "blackbox" in wc.members:
         log.info("black-box search: R@1 %.3f (%.0f queries per item)", _mean(wc.members["blackbox"]["recall@1"]),
-                 cost["queries"])
-    else:
-        wc.skipped["blackbox"] = "the profile's black-box budget is 0 queries"
-    if settings.transfer and surrogate is None:
-        wc.skipped["transfer"] = "no surrogate model given (rdml evaluate --surrogate PATH, rdml.evaluate(surrogate=...))"
-    elif settings.transfer:
-        source = dataset if gallery is None else gallery
-        with frozen_eval(surrogate):
-            s_emb = embed_indices(surrogate, source, np.arange(len(source)), batch_size, device)  # type: ignore[arg-type]
-        surrogate_db = Database(s_emb.detach(), db.labels)
-        specs = AttackProfile(name="transfer", attacks=settings.transfer).keyed()
-        for key, spec in specs:
-            attack = spec.build(f"transfer/{key}")
-            values, cost = run_transfer(attack, surrogate, model, dataset, indices, own, labels, db, surrogate_db,
-                                        key=attack.key, batch_size=batch_size, device=device, seed=seed,
-                                        progress=progress)
-            wc.add(attack.key, "transfer", values)
-            wc.costs[attack.key] = cost
-    elif not settings.transfer:
-        wc.skipped["transfer"] = "the profile has no transfer attacks"
+                 wc.costs["blackbox"]["queries"])
     wc.aggregate()
     if wc.flagged:
         log.warning("worst-case suite: gradient masking suspected: %s", "; ".join(wc.reasons))
@@ -295,12 +287,3 @@ def run_worst_case(result: Any, probes: dict[str, dict[str, np.ndarray]], prof: 
 def take_probes(outcome: Any) -> dict[str, np.ndarray]:
     """Step 1: remove a probed attack's probe values from its outcome (they are not ``attacks.*`` metrics)."""
     return split_probe(outcome.values, outcome.key)
-
-
-def _full_labels(labels: np.ndarray, indices: np.ndarray, dataset: Dataset) -> np.ndarray:
-    """Query labels indexed by dataset position (``clean_member`` takes ``labels[indices]``)."""
-    from rdml.attacks.inputs import dataset_labels
-
-    full = dataset_labels(dataset).copy()
-    full[indices] = labels
-    return full

@@ -81,6 +81,19 @@ def _driver_config(space: SearchSpace, base: ExperimentConfig) -> ExperimentConf
     return build_config(data)
 
 
+def trial_resources(space: SearchSpace) -> Any:
+    """A trial's reservation: its own CPUs/GPUs and, when its robustness evaluation is sharded
+    (``robustness.workers``), one more 1-CPU bundle per attack worker; the workers' actors land in them
+    (Tune places a trial's child actors in the trial's placement group)."""
+    from ray import tune
+
+    own = {"CPU": space.resources.cpu, "GPU": space.resources.gpu}
+    workers = space.robustness.workers if space.robustness is not None else 0
+    if not workers:
+        return {"cpu": space.resources.cpu, "gpu": space.resources.gpu}
+    return tune.PlacementGroupFactory([own] + [{"CPU": 1.0}] * workers)
+
+
 def _ray_init(cfg: ExperimentConfig, address: str | None) -> None:
     connect(cfg, address)
 
@@ -127,7 +140,7 @@ def run_search(
         log_dict(parent_run_id, space.model_dump(mode="json", exclude={"source"}), "search_space.yaml")
 
     _ray_init(cfg, address)
-    trainable = tune.with_resources(train_trial, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
+    trainable = tune.with_resources(train_trial, trial_resources(space))
     status = "FAILED"
     try:
         if restoring:

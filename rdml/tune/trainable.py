@@ -45,8 +45,15 @@ def quick_robustness(model: Any, cfg: ExperimentConfig, space: SearchSpace, spli
     rob = space.robustness
     assert rob is not None
     queries, gallery = evaluation_sets(splits)
-    res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
-                              max_queries=rob.max_queries, progress=False, gallery=gallery)
+    if rob.workers:  # sharded over attack workers in the trial's own bundles (rdml.tune.search.trial_resources)
+        from rdml.distributed.attack_workers import RayAttackWorkers
+
+        with RayAttackWorkers(rob.workers) as workers:
+            res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
+                                      max_queries=rob.max_queries, progress=False, gallery=gallery, executor=workers)
+    else:
+        res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
+                                  max_queries=rob.max_queries, progress=False, gallery=gallery)
     out = {"ers": float(res["ers"])} if "ers" in res else {}
     if "collapse" in res:
         out["collapse"] = float(res["collapse"])
