@@ -234,3 +234,37 @@ def test_attack_scaling_bench_runs_and_finds_identical_numbers(tmp_path):
     assert [r["mode"] for r in rows] == ["one process", "2 Ray workers"]
     assert all(r["identical"] and r["wall_s"] > 0 and 0 <= r["attack_s"] for r in rows)
     assert "speed-up" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ensemble_final_evaluation_on_attack_workers(tmp_path):
+    """rdml ensemble on Ray with eval.workers=2: the ensemble's robustness row equals the one-process
+    evaluation of the saved combined model (quick profile, 16 queries, one thread everywhere)."""
+    import os
+
+    from rdml.data import build_datasets
+    from rdml.ensemble.load import load_ensemble_model
+    from rdml.eval.protocol import evaluation_sets
+    from rdml.eval.robustness import evaluate_robustness
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rdml.cli", "ensemble", "--config", "digits-eat", "--members", "2", "--run-dir",
+           str(run), "--set", "ensemble.parts=2", "--set", "ensemble.steps_per_epoch=2", "--set", "train.epochs=1",
+           "--set", "data.batch_pairs=8", "--set", "defense.pgd.steps=1", "--set", "eval.max_queries=16",
+           "--set", "eval.profile=quick", "--set", "eval.workers=2", "--set", "tracking.enabled=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "attacking the ensemble on 2 attack workers" in proc.stdout
+    row = json.loads((run / "ensemble_report.json").read_text())["robustness"]["ensemble"]
+    model, cfg = load_ensemble_model(run)
+    queries, gallery = evaluation_sets(build_datasets(cfg.data))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = evaluate_robustness(model.eval(), queries, "quick", seed=cfg.eval.attack_seed, max_queries=16,
+                                   batch_size=cfg.data.eval_batch_size, progress=False, intervals=1000, gallery=gallery)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["ers"] == pytest.approx(float(here["ers"]), abs=0) and row["attacks.QA-"] == float(here["attacks.QA-"])
+    assert {k: row[k] for k in here} == {k: float(v) for k, v in here.items()}

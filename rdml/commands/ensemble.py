@@ -305,6 +305,7 @@ def _robustness(cfg, backend, splits, result, default_profiles, robustness_of) -
             from rdml.distributed.attack_workers import RayAttackWorkers
 
             with RayAttackWorkers(cfg.eval.workers, threads=cfg.eval.worker_threads) as workers:
+                print(f"attacking the ensemble on {cfg.eval.workers} attack workers", flush=True)
                 robust = robustness_of({"ensemble": result.model}, queries, cfg, profiles, gallery=gallery,
                                        executor=workers)
         else:
