@@ -80,18 +80,26 @@ class AttackPlan:
     surrogate_db: Database | None = None
 
     def to(self, device: str | torch.device) -> AttackPlan:
-        """A copy with the models and the galleries on ``device`` (the data sets are shared, not copied)."""
+        """A copy with the models and the galleries on ``device`` (the data sets are shared, not copied; a
+        model already there is shared too, one elsewhere is copied so the caller's stays where it is)."""
         plan = copy.copy(self)
-        plan.model = self.model.to(device)
+        plan.model = _on(self.model, torch.device(device))
         plan.db = Database(self.db.emb.to(device), self.db.labels.to(device))
         if self.surrogate is not None and self.surrogate_db is not None:
-            plan.surrogate = self.surrogate.to(device)
+            plan.surrogate = _on(self.surrogate, torch.device(device))
             plan.surrogate_db = Database(self.surrogate_db.emb.to(device), self.surrogate_db.labels.to(device))
         return plan
 
     @property
     def batches(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself when its parameters are on ``device``, else a copy moved there."""
+    current = next((p.device for p in model.parameters()), device)
+    same = current.type == device.type and (device.index is None or current.index == device.index)
+    return model if same else copy.deepcopy(model).to(device)
 
 
 @dataclass

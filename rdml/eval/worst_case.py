@@ -203,8 +203,9 @@ def run_blackbox(model: nn.Module, dataset: Dataset, indices: np.ndarray, own: n
             rows = slice(start, start + len(x0))
             start += len(x0)
             idx = torch.as_tensor(own[rows], device=device)
-            batch = Batch(self_index=idx, labels=torch.as_tensor(labels[rows], device=device),
-                          clean=(clean := clean_rows(model, x0, idx, db)), clean_db=clean)
+            clean = clean_rows(model, x0, idx, db)
+            batch = Batch(self_index=idx, labels=torch.as_tensor(labels[rows], device=device), clean=clean,
+                          clean_db=clean)
             res = square_search(model, x0, db, batch, settings.eps, settings.queries, settings.p_init,
                                 blackbox_generator(seed, first_batch + b))
             parts.append(_values(res.emb, db, batch, moved_inputs(res.x_adv, x0)))
