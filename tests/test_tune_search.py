@@ -63,6 +63,23 @@ def test_hm_schedule_search_gives_a_front_and_ended_child_runs(ray_local, tmp_pa
         assert len(c.get_metric_history(k.info.run_id, "eval/recall_at_1")) >= 1
 
 
+def test_trials_shard_their_robustness_evaluation_over_attack_workers(ray_local, tmp_path):
+    """robustness.workers=1: each trial reserves one more CPU bundle and attacks on a Ray worker inside it."""
+    from rdml.tune import load_space, run_search
+    from rdml.tune.search import trial_resources
+
+    space, _ = load_space("tune_spaces/hm_schedules.yaml")
+    space = space.model_copy(update={
+        "robustness": space.robustness.model_copy(update={"max_queries": 6, "workers": 1}),
+        "params": {k: v for k, v in space.params.items() if k != "defense.pgd.steps"},
+    })
+    assert [dict(b) for b in trial_resources(space).bundles] == [{"CPU": 1.0}, {"CPU": 1.0}]
+    result = run_search(space, overrides=[*TINY, "tracking.enabled=false", f"train.output_dir={tmp_path / 'runs'}"],
+                        num_samples=1, storage_path=tmp_path / "tune")
+    assert len(result.trials) == 1 and result.errors == 0
+    assert 0 <= result.trials[0]["ers"]
+
+
 def test_eat_trial_search_and_resume(ray_local, tmp_path):
     """An EAT trial (in-process ensemble) reports R@1 and ERS; --resume of a finished search reuses it."""
     from rdml.tracking import child_runs

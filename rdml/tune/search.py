@@ -83,15 +83,20 @@ def _driver_config(space: SearchSpace, base: ExperimentConfig) -> ExperimentConf
 
 def trial_resources(space: SearchSpace) -> Any:
     """A trial's reservation: its own CPUs/GPUs and, when its robustness evaluation is sharded
-    (``robustness.workers``), one more 1-CPU bundle per attack worker; the workers' actors land in them
-    (Tune places a trial's child actors in the trial's placement group)."""
+    (``robustness.workers``), one more bundle per attack worker (:func:`attack_worker_bundle`); the
+    workers land in them (Tune places a trial's child actors in the trial's placement group)."""
     from ray import tune
 
-    own = {"CPU": space.resources.cpu, "GPU": space.resources.gpu}
+    own = {"CPU": space.resources.cpu, **({"GPU": space.resources.gpu} if space.resources.gpu else {})}
     workers = space.robustness.workers if space.robustness is not None else 0
     if not workers:
         return {"cpu": space.resources.cpu, "gpu": space.resources.gpu}
-    return tune.PlacementGroupFactory([own] + [{"CPU": 1.0}] * workers)
+    return tune.PlacementGroupFactory([own] + [attack_worker_bundle(space)] * workers)
+
+
+def attack_worker_bundle(space: SearchSpace) -> dict[str, float]:
+    """One attack worker's share of a trial: a CPU, and a whole GPU when the trial itself asks for one."""
+    return {"CPU": 1.0, **({"GPU": 1.0} if space.resources.gpu >= 1 else {})}
 
 
 def _ray_init(cfg: ExperimentConfig, address: str | None) -> None:

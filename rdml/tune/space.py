@@ -67,8 +67,9 @@ class RobustnessSpec(_Strict):
     profile: str = "quick"
     max_queries: int | None = Field(default=16, gt=0)
     every: int = Field(default=1, ge=1, description="epochs between robustness evaluations (the last always)")
-    workers: int = Field(default=0, ge=0, description="Ray attack workers (1 CPU each) each trial shards its "
-                         "robustness evaluation over; reserved with the trial (rdml.eval.shards); 0: in the trial")
+    workers: int = Field(default=0, ge=0, description="Ray attack workers each trial shards its robustness "
+                         "evaluation over (a CPU each, and a GPU when the trial has one), reserved with the trial "
+                         "(rdml.eval.shards); 0: in the trial")
 
 
 class ResourcesSpec(_Strict):

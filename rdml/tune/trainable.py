@@ -48,7 +48,7 @@ def quick_robustness(model: Any, cfg: ExperimentConfig, space: SearchSpace, spli
     if rob.workers:  # sharded over attack workers in the trial's own bundles (rdml.tune.search.trial_resources)
         from rdml.distributed.attack_workers import RayAttackWorkers
 
-        with RayAttackWorkers(rob.workers) as workers:
+        with RayAttackWorkers(rob.workers, gpus=space.resources.gpu >= 1) as workers:  # as their bundles
             res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
                                       max_queries=rob.max_queries, progress=False, gallery=gallery, executor=workers)
     else:
