@@ -8,8 +8,8 @@ tasks (query shards and clustering attacks) from an :class:`ray.util.ActorPool` 
 results come back in task order and are merged by the driver, so the numbers are those of the
 single-process path (:mod:`rdml.eval.shards` says why, bit for bit).
 
-Used by ``rdml evaluate --workers N``, the ensemble's final evaluation and Tune trials with
-``eval.workers`` > 1 (:func:`attack_executor`).
+Used by ``rdml evaluate --workers N``, the ensemble's final evaluation (``eval.workers``) and Tune
+trials (``robustness.workers`` of a search space).
 """
 
 from __future__ import annotations

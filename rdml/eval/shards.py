@@ -47,8 +47,8 @@ from rdml.attacks.runner import (
     run_ranking_attack,
 )
 
-__all__ = ["AttackPlan", "ClusteringTask", "InProcess", "QueryShard", "ShardExecutor", "ShardResult", "plan_tasks",
-           "run_task"]
+__all__ = ["AttackPlan", "ClusteringTask", "InProcess", "QueryShard", "ShardExecutor", "ShardResult", "merge_shards",
+           "plan_tasks", "run_task"]
 
 
 @dataclass
