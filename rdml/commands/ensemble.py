@@ -301,15 +301,14 @@ def _robustness(cfg, backend, splits, result, default_profiles, robustness_of) -
     if backend.name == "ray":  # ...while the driver attacks the ensemble: no OpenMP oversubscription
         torch.set_num_threads(cfg.train.threads or 1)
     try:
-        if backend.name == "ray" and cfg.eval.workers:  # the ensemble's attacks sharded over attack workers
-            from rdml.distributed.attack_workers import RayAttackWorkers
+        from rdml.distributed.attack_workers import attack_workers
 
-            with RayAttackWorkers(cfg.eval.workers, threads=cfg.eval.worker_threads) as workers:
+        # the ensemble's attacks sharded over attack workers (eval.workers; refused with --no-ray)
+        with attack_workers(cfg.eval.workers, threads=cfg.eval.worker_threads) as workers:
+            if workers is not None:
                 print(f"attacking the ensemble on {cfg.eval.workers} attack workers", flush=True)
-                robust = robustness_of({"ensemble": result.model}, queries, cfg, profiles, gallery=gallery,
-                                       executor=workers)
-        else:
-            robust = robustness_of({"ensemble": result.model}, queries, cfg, profiles, gallery=gallery)
+            robust = robustness_of({"ensemble": result.model}, queries, cfg, profiles, gallery=gallery,
+                                   executor=workers)
     finally:
         torch.set_num_threads(threads)
     robust.update({f"member_{k}": row for k, row in enumerate(wait())})

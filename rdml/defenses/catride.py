@@ -50,7 +50,7 @@ from rdml.defenses.base import (
     run_adversary,
 )
 from rdml.errors import ConfigError
-from rdml.losses import hardness, triplet_loss
+from rdml.losses import triplet_loss
 
 STOP_LOSS = 1e-5
 """A batch whose perturbation loss is below this has reached its goal: PGD stops (the code's rule)."""
@@ -181,15 +181,15 @@ class CollapseAwareTripletDecoupling(Defense):
         loss = triplet + self.extra_weight * extra
         with torch.no_grad():
             c_adv = float(collapseness(d_ap.detach(), d_an.detach(), self.lam))
-            c_clean = float(collapseness(F.pairwise_distance(clean[a], clean[p]),
-                                         F.pairwise_distance(clean[a], clean[n]), self.lam))
+            clean_ap, clean_an = F.pairwise_distance(clean[a], clean[p]), F.pairwise_distance(clean[a], clean[n])
+            c_clean = float(collapseness(clean_ap, clean_an, self.lam))
         stats = {
             "loss": float(loss.detach()),
             "loss_adv": float(triplet.detach()),
             "loss_extra": float(extra.detach()),
             "pgd_iters": float(iterations.float().mean()),
             "perturbed_frac": float((iterations > 0).float().mean()),
-            "hardness_src": float(hardness(clean, a, p, n).mean()),
+            "hardness_src": float((clean_ap - clean_an).mean()),  # losses.hardness on the clean triplets
             "hardness_adv": float((d_ap - d_an).detach().mean()),
             "catride_anchor_phase": float(anchor_phase),
             "catride_collapseness_clean": c_clean,

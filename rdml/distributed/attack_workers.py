@@ -14,9 +14,10 @@ trials (``robustness.workers`` of a search space).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -133,3 +134,13 @@ class RayAttackWorkers:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def attack_workers(workers: int, **kwargs: Any) -> Iterator[RayAttackWorkers | None]:
+    """``workers`` attack workers for a block, released after it; None for 0 (the block attacks in its process)."""
+    if not workers:
+        yield None
+        return
+    with RayAttackWorkers(workers, **kwargs) as pool:
+        yield pool

@@ -45,15 +45,12 @@ def quick_robustness(model: Any, cfg: ExperimentConfig, space: SearchSpace, spli
     rob = space.robustness
     assert rob is not None
     queries, gallery = evaluation_sets(splits)
-    if rob.workers:  # sharded over attack workers in the trial's own bundles (rdml.tune.search.trial_resources)
-        from rdml.distributed.attack_workers import RayAttackWorkers
+    from rdml.distributed.attack_workers import attack_workers
 
-        with RayAttackWorkers(rob.workers, gpus=space.resources.gpu >= 1) as workers:  # as their bundles
-            res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
-                                      max_queries=rob.max_queries, progress=False, gallery=gallery, executor=workers)
-    else:
+    # sharded over attack workers in the trial's own bundles (rdml.tune.search.trial_resources)
+    with attack_workers(rob.workers, gpus=space.resources.gpu >= 1) as workers:
         res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
-                                  max_queries=rob.max_queries, progress=False, gallery=gallery)
+                                  max_queries=rob.max_queries, progress=False, gallery=gallery, executor=workers)
     out = {"ers": float(res["ers"])} if "ers" in res else {}
     if "collapse" in res:
         out["collapse"] = float(res["collapse"])
