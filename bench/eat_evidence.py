@@ -20,8 +20,8 @@ parts: ``--budget-min 85`` starts no job that would end after 85 minutes; rerun 
 it reports nothing left. The resumable job state is ``bench/robust28.py``'s (imported from it).
 
     .venv/bin/python bench/eat_evidence.py --budget-min 85            # one part; repeat until done
-    .venv/bin/python bench/eat_evidence.py --only train --threads 1 --budget-min 85 &   # two parts at once,
-    .venv/bin/python bench/eat_evidence.py --only eval guard --threads 1 --budget-min 85  # one core each
+    .venv/bin/python bench/eat_evidence.py --threads 1 --budget-min 85 &  # two parts at once, one core each:
+    .venv/bin/python bench/eat_evidence.py --threads 1 --budget-min 85    # each claims the next free job
     .venv/bin/python bench/eat_evidence.py --status                   # what is done, what is left
     .venv/bin/python bench/eat_evidence.py --only report              # rewrite docs/results-eat.md
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -97,15 +98,55 @@ class Job:
 
 
 def jobs_for(modes: list[str], seeds: list[int], members: int) -> list[Job]:
-    """Training first (seed-major: a complete first seed early), then evaluations and guards."""
+    """Seed-major: every job of seed 0 (trainings, then evaluations and guards) before any of seed 1.
+
+    A part that runs out of time leaves complete seeds behind, and the report of complete seeds is a
+    table with every comparison rather than trained models nobody has evaluated yet.
+    """
     runs = [f"ens-{m}" for m in modes] + [SINGLE]
-    jobs = [Job("train", r, s) for s in seeds for r in runs]
+    jobs: list[Job] = []
     for s in seeds:
+        jobs += [Job("train", r, s) for r in runs]
         for r in runs:
             targets = [SINGLE] if r == SINGLE else ["ensemble", *(f"member_{k}" for k in range(members))]
             jobs += [Job("eval", r, s, t) for t in targets]
-    jobs += [Job("guard", f"ens-{m}", s) for s in seeds for m in modes]
+        jobs += [Job("guard", f"ens-{m}", s) for m in modes]
     return jobs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claimed_by_other(state: State, job: Job) -> bool:
+    """Whether another live part on this machine is running ``job`` (a dead part's claim is stale)."""
+    claim = state.data.get("claims", {}).get(job.key)
+    return bool(claim) and claim["pid"] != os.getpid() and _alive(claim["pid"])
+
+
+def claim(state: State, job: Job) -> bool:
+    """Atomically take ``job`` for this process unless it is done or another live part holds it."""
+    taken = []
+
+    def change(d: dict) -> None:
+        held = d.setdefault("claims", {}).get(job.key)
+        if job.key in d["done"] or (held and held["pid"] != os.getpid() and _alive(held["pid"])):
+            return
+        d["claims"][job.key] = {"pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
+        taken.append(True)
+
+    state.update(change)
+    return bool(taken)
+
+
+def release(state: State, job: Job) -> None:
+    state.update(lambda d: d.setdefault("claims", {}).pop(job.key, None))
 
 
 def estimate_min(state: State, job: Job) -> float:
@@ -263,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--only", nargs="+", choices=["train", "eval", "guard", "report"], default=None,
-                    help="run only these kinds of job (parts with disjoint kinds may run at once, one core each)")
+                    help="run only these kinds of job")
     ap.add_argument("--budget-min", type=float, default=None, help="start no job that would end after this")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-queries", type=int, default=None,
@@ -307,22 +348,33 @@ def main(argv: list[str] | None = None) -> int:
                                                 attack_steps=args.attack_steps))
     started, t0, ran = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter(), []
     if args.only != ["report"]:
-        for job in [j for j in jobs if not state.done(j)]:
+        while True:
             state.reload()
-            if state.done(job):  # another part finished it meanwhile
-                continue
-            if not ready(state, job):
-                print(f"{job.key}: waits for the training of {job.run_key}")
-                continue
+            todo = [j for j in jobs if not state.done(j)]
+            runnable = [j for j in todo if ready(state, j) and not claimed_by_other(state, j)]
+            if not runnable:
+                if any(claimed_by_other(state, j) for j in all_jobs):  # another part may unlock more
+                    time.sleep(20)
+                    continue
+                for j in todo:
+                    print(f"{j.key}: waits for the training of {j.run_key}")
+                break
+            job = runnable[0]
             elapsed = (time.perf_counter() - t0) / 60
             if args.budget_min is not None and elapsed + estimate_min(state, job) > args.budget_min:
                 print(f"budget: {elapsed:.0f} min used; next job {job.key} (~{estimate_min(state, job):.0f} min) "
                       "would not fit; rerun the same command to continue")
                 break
+            if not claim(state, job):  # another part took it between the reload and now
+                continue
             print(f"[{datetime.now().strftime('%H:%M:%S')}] {job.key} ...", flush=True)
             j0 = time.perf_counter()
-            info = run_job(job, state, args.out, uri, parent, args)
-            state.finish(job, time.perf_counter() - j0, estimate=job.estimate_key, **info)
+            try:
+                info = run_job(job, state, args.out, uri, parent, args)
+            except BaseException:
+                release(state, job)
+                raise
+            state.finish(job, time.perf_counter() - j0, estimate=job.estimate_key, **info)  # also drops the claim
             ran.append(job.key)
             print(f"[{datetime.now().strftime('%H:%M:%S')}] {job.key} done in {time.perf_counter() - j0:.0f} s",
                   flush=True)

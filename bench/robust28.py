@@ -106,7 +106,13 @@ class State:
         return job.key in self.data["done"]
 
     def finish(self, job: Job, seconds: float, **info) -> None:
-        self.update(lambda d: d["done"].__setitem__(job.key, {"seconds": round(seconds, 1), **info}))
+        """Record ``job`` as done and drop any claim on it, in one atomic change."""
+
+        def change(d: dict) -> None:
+            d["done"][job.key] = {"seconds": round(seconds, 1), **info}
+            d.get("claims", {}).pop(job.key, None)
+
+        self.update(change)
 
     def estimate_min(self, job: Job) -> float:
         same = [v["seconds"] / 60 for k, v in self.data["done"].items()
