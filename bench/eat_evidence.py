@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         from eat_evidence_report import write_results
 
         doc = write_results(args.out, state.data, args.doc, uri=uri, parent=parent, modes=args.modes, seeds=seeds,
-                            members=args.members, boot=BOOT[0])
+                            members=args.members, boot=BOOT[0], left=[j.key for j in left])
         print(f"wrote {doc}")
     print(f"{len(left)} job(s) left" + ("" if left else "; evidence complete"))
     return 0

@@ -89,13 +89,18 @@ def paired(a_runs: list[RunEvaluation | None], b_runs: list[RunEvaluation | None
     return out
 
 
+def n_pairs(a_runs: list, b_runs: list) -> int:
+    """How many seeds a paired comparison has (both sides finished)."""
+    return sum(a is not None and b is not None for a, b in zip(a_runs, b_runs, strict=True))
+
+
 def t_diff(a: list[float], b: list[float]) -> Interval | None:
     values = [x - y for x, y in zip(a, b, strict=True) if math.isfinite(x) and math.isfinite(y)]
     return t_interval(values) if values else None
 
 
 def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, parent: str, modes: list[str],
-                  seeds: list[int], members: int, boot: int) -> Path:
+                  seeds: list[int], members: int, boot: int, left: list[str] = ()) -> Path:
     from rdml import tracking
 
     runs = [f"ens-{m}" for m in modes]
@@ -115,6 +120,8 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
 
     def best_member(r: str, i: int, by: str) -> int | None:
         rows = mem_rob[r][i] if by == "ers" else mem_clu[r][i]
+        if any(m is None for m in rows):  # the best of some members is not the best member
+            return None
         scores = [(m.metrics["ers"] if by == "ers" else worst_nmi(m)) if m is not None else -math.inf for m in rows]
         return int(np.argmax(scores)) if any(math.isfinite(x) for x in scores) else None
 
@@ -124,6 +131,10 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
     if smoke:
         lines += [f"> **Smoke run of the machinery, not evidence**: max_queries={settings.get('max_queries')}, "
                   f"attack steps {settings.get('attack_steps')}, overrides {settings.get('overrides')}.", ""]
+    if left:
+        lines += [f"> **Incomplete: {len(left)} job(s) not run yet** ({', '.join(left[:6])}"
+                  f"{' ...' if len(left) > 6 else ''}). Every comparison below pairs only the seeds where both sides "
+                  "are finished; a seed column or row marked — is not there yet.", ""]
     lines += [f"Produced by `{COMMAND}` (state: `{out}/state.json`), MLflow experiment `eat-evidence`, parent run "
               f"`{parent}` in `{uri}`. Seeds: {', '.join(map(str, seeds))}; {members} members per ensemble; recipe "
               "`mnist5k-eat`; every model evaluated white-box end to end on the whole test set with `rob28` and "
@@ -159,31 +170,34 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
     lines += ["", "### (a) The ensemble against its best member, paired by seed", "",
               "Best member per seed: the highest ERS for the ERS column, the highest worst-case NMI for the NMI "
               "column (chosen on the test set, which favours the member).", "",
-              "| mode | Δ ERS (ensemble − best member) | Δ R@1 % | Δ worst clustering NMI % | ERS | NMI |",
-              "|---|---|---|---|---|---|"]
+              "| mode | seeds | Δ ERS (ensemble − best member) | Δ R@1 % | Δ worst clustering NMI % | ERS | NMI |",
+              "|---|---|---|---|---|---|---|"]
     supported: dict[str, dict[str, Interval | None]] = {}
     for r, m in zip(runs, modes, strict=True):
         best = [best_member(r, i, "ers") for i in range(len(seeds))]
-        d = paired(rob[r], [mem_rob[r][i][b] if b is not None else None for i, b in enumerate(best)], boot)
+        best_runs = [mem_rob[r][i][b] if b is not None else None for i, b in enumerate(best)]
+        d = paired(rob[r], best_runs, boot)
         best_n = [best_member(r, i, "nmi") for i in range(len(seeds))]
         dn = t_diff([worst_nmi(x) for x in clu[r]],
                     [worst_nmi(mem_clu[r][i][b]) if b is not None else math.nan for i, b in enumerate(best_n)])
         supported[m] = {"a_ers": d.get("ers"), "a_nmi": dn}
-        lines.append(f"| {TITLES[m]} | {_iv(d.get('ers'), sign=True)} | {_iv(d.get('recall@1'), 100, sign=True)} | "
-                     f"{_iv(dn, 100, sign=True)} | {verdict(d.get('ers'))} | {verdict(dn)} |")
+        lines.append(f"| {TITLES[m]} | {n_pairs(rob[r], best_runs)} | {_iv(d.get('ers'), sign=True)} | "
+                     f"{_iv(d.get('recall@1'), 100, sign=True)} | {_iv(dn, 100, sign=True)} | "
+                     f"{verdict(d.get('ers'))} | {verdict(dn)} |")
 
     # ---------------------------------------------------------------- (b) modes vs none
     if "none" in modes:
         lines += ["", "### (b) Each self-transfer mode against `none` at equal forward+backward passes per member", "",
-                  "| mode | passes / member (mode, none) | Δ ERS (mode − none) | Δ R@1 % | Δ worst clustering NMI % | "
-                  "ERS | NMI |", "|---|---|---|---|---|---|---|"]
+                  "| mode | seeds | passes / member (mode, none) | Δ ERS (mode − none) | Δ R@1 % | "
+                  "Δ worst clustering NMI % | ERS | NMI |", "|---|---|---|---|---|---|---|---|"]
         for r, m in zip(runs, modes, strict=True):
             if m == "none":
                 continue
             d = paired(rob[r], rob["ens-none"], boot)
             dn = t_diff([worst_nmi(x) for x in clu[r]], [worst_nmi(x) for x in clu["ens-none"]])
             supported[m].update(b_ers=d.get("ers"), b_nmi=dn)
-            lines.append(f"| {TITLES[m]} | {passes(r):,.0f}, {passes('ens-none'):,.0f} | {_iv(d.get('ers'), sign=True)} | "
+            lines.append(f"| {TITLES[m]} | {n_pairs(rob[r], rob['ens-none'])} | {passes(r):,.0f}, "
+                         f"{passes('ens-none'):,.0f} | {_iv(d.get('ers'), sign=True)} | "
                          f"{_iv(d.get('recall@1'), 100, sign=True)} | {_iv(dn, 100, sign=True)} | "
                          f"{verdict(d.get('ers'))} | {verdict(dn)} |")
 
@@ -191,14 +205,15 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
     lines += ["", "### (c) The ensemble against one model of the same defense given the same total compute", "",
               f"The single model is `--members 1` (exactly `rdml train`) trained for {members}x the passes of one "
               f"member ({passes(SINGLE):,.0f} passes).", "",
-              "| mode | Δ ERS (ensemble − single) | Δ R@1 % | Δ worst clustering NMI % | ERS | NMI |",
-              "|---|---|---|---|---|---|"]
+              "| mode | seeds | Δ ERS (ensemble − single) | Δ R@1 % | Δ worst clustering NMI % | ERS | NMI |",
+              "|---|---|---|---|---|---|---|"]
     for r, m in zip(runs, modes, strict=True):
         d = paired(rob[r], single_rob, boot)
         dn = t_diff([worst_nmi(x) for x in clu[r]], [worst_nmi(x) for x in single_clu])
         supported[m].update(c_ers=d.get("ers"), c_nmi=dn)
-        lines.append(f"| {TITLES[m]} | {_iv(d.get('ers'), sign=True)} | {_iv(d.get('recall@1'), 100, sign=True)} | "
-                     f"{_iv(dn, 100, sign=True)} | {verdict(d.get('ers'))} | {verdict(dn)} |")
+        lines.append(f"| {TITLES[m]} | {n_pairs(rob[r], single_rob)} | {_iv(d.get('ers'), sign=True)} | "
+                     f"{_iv(d.get('recall@1'), 100, sign=True)} | {_iv(dn, 100, sign=True)} | "
+                     f"{verdict(d.get('ers'))} | {verdict(dn)} |")
 
     # ---------------------------------------------------------------- the guard
     lines += ["", "### Gradient-masking guard (the same runs)", "",
@@ -240,10 +255,11 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
     if better:
         pick = max(better, key=lambda m: ers_means.get(m, -math.inf))
         nmi = verdict(supported[pick].get("b_nmi"), "higher", "lower")
+        n_b = n_pairs(rob[f"ens-{pick}"], rob["ens-none"])
         lines.append(f"- Default `ensemble.self_transfer`: **`{pick}`**, whose ERS is above `none`'s at equal passes "
-                     f"(paired Δ {_iv(supported[pick]['b_ers'], sign=True)} over {len(seeds)} seeds; its worst "
+                     f"(paired Δ {_iv(supported[pick]['b_ers'], sign=True)} over {n_b} seeds; its worst "
                      f"clustering NMI against `none`: {nmi}). How sure: the ERS interval excludes 0; with "
-                     f"{len(seeds)} seeds the seed-to-seed spread is only coarsely estimated, and the clustering "
+                     f"{n_b} seeds the seed-to-seed spread is only coarsely estimated, and the clustering "
                      "threat (EAT's own) decides only where its NMI interval is separated too.")
     else:
         lines.append("- Default `ensemble.self_transfer`: **`none`**: no mode's ERS is separated from `none`'s at equal "
