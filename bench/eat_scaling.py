@@ -18,6 +18,8 @@ Usage::
     python bench/eat_scaling.py                       # 2 members, ensemble_gradient, minmax members
     python bench/eat_scaling.py --mode cross_member --steps 20
     python bench/eat_scaling.py --sizes-only          # the exchange-volume table alone
+
+With ``--tracking-uri`` the measured figures are logged as one MLflow run (experiment ``eat-scaling``).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pgd-steps", type=int, default=8)
     p.add_argument("--batch-pairs", type=int, default=32)
     p.add_argument("--sizes-only", action="store_true", help="print the exchange-volume table and stop")
+    p.add_argument("--tracking-uri", default=None, help="log the figures as one MLflow run (experiment eat-scaling)")
     args = p.parse_args(argv)
     if args.sizes_only:
         print_sizes()
@@ -154,6 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"idle at the step boundary  : {100 * max(idle, 0.0):.2f}% of member time (waiting for the slowest)")
     print(f"published per member/step  : {_mib(timing['bytes'] / max(timing['steps'], 1)).strip()} (this run)")
     print(f"identical losses in-process: {same}")
+    if args.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
+        mlflow.set_experiment("eat-scaling")
+        with mlflow.start_run(run_name=f"eat-scaling-{args.mode}-m{args.members}") as run:
+            mlflow.log_params({"mode": args.mode, "members": args.members, "steps": args.steps, "cores": cores,
+                               "pgd_steps": args.pgd_steps, "batch": 2 * args.batch_pairs})
+            mlflow.log_metrics({"single_1thread_s": t_one, f"single_{cores}threads_s": t_all, "ray_s": t_ray,
+                                "speedup_vs_1thread": t_one / t_ray, f"speedup_vs_{cores}threads": t_all / t_ray,
+                                "exchange_fraction": exchange, "idle_fraction": max(idle, 0.0),
+                                "published_bytes_per_step": timing["bytes"] / max(timing["steps"], 1),
+                                "identical_losses": float(same)})
+        print(f"mlflow run: {run.info.run_id}")
     print_sizes()
     return 0
 
