@@ -124,10 +124,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _held_by_other(data: dict, key: str) -> bool:
+    held = data.get("claims", {}).get(key)
+    return bool(held) and held["pid"] != os.getpid() and _alive(held["pid"])
+
+
 def claimed_by_other(state: State, job: Job) -> bool:
     """Whether another live part on this machine is running ``job`` (a dead part's claim is stale)."""
-    claim = state.data.get("claims", {}).get(job.key)
-    return bool(claim) and claim["pid"] != os.getpid() and _alive(claim["pid"])
+    return _held_by_other(state.data, job.key)
 
 
 def claim(state: State, job: Job) -> bool:
@@ -135,10 +139,10 @@ def claim(state: State, job: Job) -> bool:
     taken = []
 
     def change(d: dict) -> None:
-        held = d.setdefault("claims", {}).get(job.key)
-        if job.key in d["done"] or (held and held["pid"] != os.getpid() and _alive(held["pid"])):
+        if job.key in d["done"] or _held_by_other(d, job.key):
             return
-        d["claims"][job.key] = {"pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
+        d.setdefault("claims", {})[job.key] = {"pid": os.getpid(),
+                                               "since": datetime.now(UTC).isoformat(timespec="seconds")}
         taken.append(True)
 
     state.update(change)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,22 @@ def test_evidence_command_runs_in_resumable_parts_and_writes_the_doc(tmp_path):
     assert "guard/holds" in ens and "train/loss" in ens
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # finished jobs are reused
     assert again.returncode == 0 and " ... " not in again.stdout and "evidence complete" in again.stdout
+
+
+def test_parts_claim_jobs_and_a_dead_parts_claim_is_stale(tmp_path):
+    """Several parts run the same command at once: a job a live part holds is skipped, a dead part's is retaken."""
+    from eat_evidence import Job, State, claim, claimed_by_other
+
+    state = State(tmp_path / "state.json")
+    job = Job("train", "ens-none", 0)
+    assert claim(state, job) and not claimed_by_other(state, job)  # ours
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid, live in ((os.getppid(), True), (dead.pid, False)):
+        state.update(lambda d, pid=pid: d["claims"].__setitem__(job.key, {"pid": pid, "since": "t"}))
+        state.reload()
+        assert claimed_by_other(state, job) is live
+        assert claim(state, job) is not live
+    state.finish(job, 1.0)  # done and unclaimed in one change
+    state.reload()
+    assert job.key not in state.data["claims"] and not claim(state, job)
