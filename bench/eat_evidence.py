@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -112,45 +111,6 @@ def jobs_for(modes: list[str], seeds: list[int], members: int) -> list[Job]:
             jobs += [Job("eval", r, s, t) for t in targets]
         jobs += [Job("guard", f"ens-{m}", s) for m in modes]
     return jobs
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _held_by_other(data: dict, key: str) -> bool:
-    held = data.get("claims", {}).get(key)
-    return bool(held) and held["pid"] != os.getpid() and _alive(held["pid"])
-
-
-def claimed_by_other(state: State, job: Job) -> bool:
-    """Whether another live part on this machine is running ``job`` (a dead part's claim is stale)."""
-    return _held_by_other(state.data, job.key)
-
-
-def claim(state: State, job: Job) -> bool:
-    """Atomically take ``job`` for this process unless it is done or another live part holds it."""
-    taken = []
-
-    def change(d: dict) -> None:
-        if job.key in d["done"] or _held_by_other(d, job.key):
-            return
-        d.setdefault("claims", {})[job.key] = {"pid": os.getpid(),
-                                               "since": datetime.now(UTC).isoformat(timespec="seconds")}
-        taken.append(True)
-
-    state.update(change)
-    return bool(taken)
-
-
-def release(state: State, job: Job) -> None:
-    state.update(lambda d: d.setdefault("claims", {}).pop(job.key, None))
 
 
 def estimate_min(state: State, job: Job) -> float:
@@ -355,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             state.reload()
             todo = [j for j in jobs if not state.done(j)]
-            runnable = [j for j in todo if ready(state, j) and not claimed_by_other(state, j)]
+            runnable = [j for j in todo if ready(state, j) and not state.claimed_by_other(j)]
             if not runnable:
-                if any(claimed_by_other(state, j) for j in all_jobs):  # another part may unlock more
+                if any(state.claimed_by_other(j) for j in all_jobs):  # another part may unlock more
                     time.sleep(20)
                     continue
                 for j in todo:
@@ -369,14 +329,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"budget: {elapsed:.0f} min used; next job {job.key} (~{estimate_min(state, job):.0f} min) "
                       "would not fit; rerun the same command to continue")
                 break
-            if not claim(state, job):  # another part took it between the reload and now
+            if not state.claim(job):  # another part took it between the reload and now
                 continue
             print(f"[{datetime.now().strftime('%H:%M:%S')}] {job.key} ...", flush=True)
             j0 = time.perf_counter()
             try:
                 info = run_job(job, state, args.out, uri, parent, args)
             except BaseException:
-                release(state, job)
+                state.release(job)
                 raise
             state.finish(job, time.perf_counter() - j0, estimate=job.estimate_key, **info)  # also drops the claim
             ran.append(job.key)

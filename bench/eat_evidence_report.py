@@ -148,7 +148,7 @@ def write_results(out: Path, state: dict[str, Any], doc: Path, *, uri: str, pare
         rows = mem_rob[r][i] if by == "ers" else mem_clu[r][i]
         if any(m is None for m in rows):  # the best of some members is not the best member
             return None
-        scores = [(m.metrics["ers"] if by == "ers" else worst_nmi(m)) if m is not None else -math.inf for m in rows]
+        scores = [m.metrics["ers"] if by == "ers" else worst_nmi(m) for m in rows]
         return int(np.argmax(scores)) if any(math.isfinite(x) for x in scores) else None
 
     settings = state.get("settings", {})

@@ -74,11 +74,22 @@ class Job:
         return {"rdml.model": self.model, "rdml.seed": str(self.seed)}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class State:
     """``state.json`` in the output directory: MLflow ids, finished jobs, measured durations, parts.
 
-    Several parts may run at once (e.g. a training part and an evaluation part, one core each): every
-    change is a read-modify-write of the file under an exclusive lock, so no part loses another's work.
+    Several parts may run at once (one core each): every change is a read-modify-write of the file under
+    an exclusive lock, so no part loses another's work, and a part claims a job before running it, so no
+    two run the same one.
     """
 
     def __init__(self, path: Path) -> None:
@@ -104,6 +115,31 @@ class State:
 
     def done(self, job: Job) -> bool:
         return job.key in self.data["done"]
+
+    def _held_by_other(self, data: dict, key: str) -> bool:
+        held = data.get("claims", {}).get(key)
+        return bool(held) and held["pid"] != os.getpid() and _alive(held["pid"])
+
+    def claimed_by_other(self, job) -> bool:
+        """Whether another live part on this machine is running ``job`` (a dead part's claim is stale)."""
+        return self._held_by_other(self.data, job.key)
+
+    def claim(self, job) -> bool:
+        """Atomically take ``job`` for this process unless it is done or another live part holds it."""
+        taken = []
+
+        def change(d: dict) -> None:
+            if job.key in d["done"] or self._held_by_other(d, job.key):
+                return
+            d.setdefault("claims", {})[job.key] = {"pid": os.getpid(),
+                                                   "since": datetime.now(UTC).isoformat(timespec="seconds")}
+            taken.append(True)
+
+        self.update(change)
+        return bool(taken)
+
+    def release(self, job) -> None:
+        self.update(lambda d: d.setdefault("claims", {}).pop(job.key, None))
 
     def finish(self, job: Job, seconds: float, **info) -> None:
         """Record ``job`` as done and drop any claim on it, in one atomic change."""

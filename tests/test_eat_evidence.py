@@ -81,18 +81,18 @@ def test_evidence_command_runs_in_resumable_parts_and_writes_the_doc(tmp_path):
 
 def test_parts_claim_jobs_and_a_dead_parts_claim_is_stale(tmp_path):
     """Several parts run the same command at once: a job a live part holds is skipped, a dead part's is retaken."""
-    from eat_evidence import Job, State, claim, claimed_by_other
+    from eat_evidence import Job, State
 
     state = State(tmp_path / "state.json")
     job = Job("train", "ens-none", 0)
-    assert claim(state, job) and not claimed_by_other(state, job)  # ours
+    assert state.claim(job) and not state.claimed_by_other(job)  # ours
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for pid, live in ((os.getppid(), True), (dead.pid, False)):
         state.update(lambda d, pid=pid: d["claims"].__setitem__(job.key, {"pid": pid, "since": "t"}))
         state.reload()
-        assert claimed_by_other(state, job) is live
-        assert claim(state, job) is not live
+        assert state.claimed_by_other(job) is live
+        assert state.claim(job) is not live
     state.finish(job, 1.0)  # done and unclaimed in one change
     state.reload()
-    assert job.key not in state.data["claims"] and not claim(state, job)
+    assert job.key not in state.data["claims"] and not state.claim(job)

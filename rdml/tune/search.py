@@ -96,7 +96,7 @@ def trial_resources(space: SearchSpace) -> Any:
 
 def attack_worker_bundle(space: SearchSpace) -> dict[str, float]:
     """One attack worker's share of a trial: a CPU, and a whole GPU when the trial itself asks for one."""
-    return {"CPU": 1.0, **({"GPU": 1.0} if space.resources.gpu >= 1 else {})}
+    return {"CPU": 1.0, **({"GPU": 1.0} if space.resources.attack_workers_use_gpus else {})}
 
 
 def _ray_init(cfg: ExperimentConfig, address: str | None) -> None:

@@ -76,6 +76,11 @@ class ResourcesSpec(_Strict):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)
 
+    @property
+    def attack_workers_use_gpus(self) -> bool:
+        """Whether a trial's attack workers each get a whole GPU: only when the trial itself has one."""
+        return self.gpu >= 1
+
 
 class SearchSpace(_Strict):
     """A validated search space (see the module doc for the file format)."""

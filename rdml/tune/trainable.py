@@ -48,7 +48,7 @@ def quick_robustness(model: Any, cfg: ExperimentConfig, space: SearchSpace, spli
     from rdml.distributed.attack_workers import attack_workers
 
     # sharded over attack workers in the trial's own bundles (rdml.tune.search.trial_resources)
-    with attack_workers(rob.workers, gpus=space.resources.gpu >= 1) as workers:
+    with attack_workers(rob.workers, gpus=space.resources.attack_workers_use_gpus) as workers:
         res = evaluate_robustness(model, queries, rob.profile, device=device, seed=cfg.eval.attack_seed,
                                   max_queries=rob.max_queries, progress=False, gallery=gallery, executor=workers)
     out = {"ers": float(res["ers"])} if "ers" in res else {}
