@@ -306,7 +306,9 @@ class EnsembleConfig(_Section):
     parts: int = Field(default=3, gt=0, description="N class-stratified data parts (not used by split=bootstrap)")
     split: Annotated[str, _member_of("ensemble_splits")] = "leave_one_out"
     self_transfer: Annotated[str, _member_of("self_transfer")] = Field(
-        default="none", description="none (independent members), cross_member or ensemble_gradient (docs/eat.md)"
+        default="none", description="none (independent members), cross_member or ensemble_gradient (docs/eat.md). "
+        "none is the one mode valid for every defense and member count; the EAT recipes use cross_member, the mode "
+        "the evidence supports (docs/results-eat.md)"
     )
     combine: Annotated[str, _member_of("combine")] = "concat"
     steps_per_epoch: int | None = Field(

@@ -46,6 +46,11 @@ def test_evidence_command_runs_in_resumable_parts_and_writes_the_doc(tmp_path):
     first = subprocess.run([*cmd, "--only", "train"], capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "0 job(s) of this selection left" in first.stdout and not doc.exists()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    trained = json.loads((out / "state.json").read_text())
+    assert client.get_run(trained["runs"]["ens-none-s0"]["run_id"]).info.status == "RUNNING"  # its evals are left
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "evidence complete" in second.stdout and "train:ens-none:s0 ..." not in second.stdout  # reused
@@ -66,12 +71,11 @@ def test_evidence_command_runs_in_resumable_parts_and_writes_the_doc(tmp_path):
                    "Gradient-masking guard", "Default `ensemble.self_transfer`", state["parent_run_id"],
                    state["runs"]["ens-ensemble_gradient-s0"]["run_id"], "Parts (wall time"):
         assert needle in text, needle
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
     children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
     assert {r.info.run_name for r in children} == {"ens-none-s0", "ens-ensemble_gradient-s0", "single-s0"}
+    assert {r.info.status for r in children} == {"FINISHED"}  # every job done: no run left RUNNING
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     ens = next(r for r in children if r.info.run_name == "ens-none-s0").data.metrics
     assert "ensemble/rob28/ers" in ens and "member_0/clustering28/clustering.centroid_class_dynamic.nmi" in ens
     assert "guard/holds" in ens and "train/loss" in ens
@@ -96,3 +100,26 @@ def test_parts_claim_jobs_and_a_dead_parts_claim_is_stale(tmp_path):
     state.finish(job, 1.0)  # done and unclaimed in one change
     state.reload()
     assert job.key not in state.data["claims"] and not state.claim(job)
+
+
+def test_the_default_mode_needs_a_separated_ers_and_a_tie_inside_the_noise_goes_to_the_clustering_threat():
+    """The report's default self-transfer: never a mode inside `none`'s noise, never picked on a noise-sized gap."""
+    from eat_evidence_report import ModeEvidence, choose_default
+
+    from rdml.eval.intervals import Interval
+
+    above, level = Interval(16.0, 12.0, 20.0), Interval(1.0, -3.0, 5.0)
+
+    def gap(sep: bool):
+        return lambda a, b: Interval(4.0, 1.0, 7.0) if sep else Interval(0.5, -6.0, 5.0)
+
+    inside = {"cross_member": ModeEvidence(20.0, level, above, level),
+              "ensemble_gradient": ModeEvidence(21.0, Interval(3.0, -0.5, 6.5), above, level)}
+    assert choose_default(inside, gap(True)) == ("none", [])  # no ERS interval excludes 0
+    both = {"cross_member": ModeEvidence(34.1, above, Interval(16.0, 0.3, 32.0), level),
+            "ensemble_gradient": ModeEvidence(34.6, above, level, Interval(-1.6, -2.6, -0.5))}
+    pick, tied = choose_default(both, gap(False))  # a 0.5-point ERS gap inside the noise is a tie ...
+    assert pick == "cross_member" and sorted(tied) == ["cross_member", "ensemble_gradient"]  # ... NMI decides
+    assert choose_default(both, gap(True)) == ("ensemble_gradient", ["ensemble_gradient"])  # a separated lead wins
+    no_nmi = {m: ModeEvidence(e.ers_mean, e.vs_none_ers, level, e.vs_none_r1) for m, e in both.items()}
+    assert choose_default(no_nmi, gap(False))[0] == "cross_member"  # then the R@1 cost decides
