@@ -260,18 +260,19 @@ def run_job(job: Job, state: State, out: Path, uri: str, parent: str, args) -> d
 # ------------------------------------------------------------------------------------------ command
 
 
-def close_finished_runs(state: State, jobs: list[Job], uri: str, parent: str) -> None:
-    """Mark FINISHED in MLflow every child run whose jobs are all done, and the parent once everything is.
+def close_finished_runs(state: State, left: list[Job], uri: str, parent: str) -> None:
+    """Mark FINISHED in MLflow every child run with no job ``left``, and the parent once nothing is left.
 
     A run stays RUNNING while any of its jobs is left (a later part logs into it), so the MLflow UI tells
     an unfinished run from a finished one.
     """
     from rdml import tracking
 
+    open_runs = {j.run_key for j in left}
     for run_key, info in state.data["runs"].items():
-        if all(state.done(j) for j in jobs if j.run_key == run_key):
+        if run_key not in open_runs:
             tracking.end_run_if_running(info["run_id"], "FINISHED", tracking=uri)
-    if all(state.done(j) for j in jobs):
+    if not left:
         tracking.end_run_if_running(parent, "FINISHED", tracking=uri)
 
 
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "selection": " ".join(args.only or ["all"]), "threads": args.threads}
     state.update(lambda d: d["parts"].append(part))
     left = [j for j in all_jobs if not state.done(j)]
-    close_finished_runs(state, all_jobs, uri, parent)
+    close_finished_runs(state, left, uri, parent)
     print(f"{sum(not state.done(j) for j in jobs)} job(s) of this selection left")
     if not left or args.only == ["report"]:
         from eat_evidence_report import write_results
